@@ -1,0 +1,143 @@
+"""Constituent models: loading, the Llama-layout adapter, compatibility checks, freezing, hashing.
+
+Everything `stitch.py` needs to reach inside a Hugging Face causal LM lives here, so supporting a
+new architecture is one adapter, not edits across the stitching code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from bts.errors import BtsError
+
+_REQUIRED = ("embed_tokens", "layers", "norm", "rotary_emb")
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """The parts of a Llama-layout causal LM that stitching walks through, layer by layer."""
+
+    model: PreTrainedModel
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.inner.layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple:
+        return self.inner.rotary_emb(hidden, position_ids=position_ids)
+
+    def layer_masks(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache,
+        position_ids: torch.Tensor,
+    ) -> list:
+        """One attention mask per layer, as the model's own forward builds them (full or sliding)."""
+        config = self.model.config
+        kwargs = dict(
+            config=config,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+        )
+        types = _layer_types(config)
+        masks = (
+            {"full_attention": create_causal_mask(**kwargs)} if "full_attention" in types else {}
+        )
+        if "sliding_attention" in types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return [masks[t] for t in types]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own output head: final norm, then LM head."""
+        return self.model.lm_head(self.inner.norm(hidden))
+
+
+def _layer_types(config) -> list[str]:
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)[: config.num_hidden_layers]
+    sliding = getattr(config, "sliding_window", None) and getattr(
+        config, "use_sliding_window", True
+    )
+    kind = "sliding_attention" if sliding else "full_attention"
+    return [kind] * config.num_hidden_layers
+
+
+def decoder(model: nn.Module, role: str) -> Decoder:
+    """Wrap a causal LM, refusing layouts other than Llama's (model.embed_tokens/layers/norm/...)."""
+    inner = getattr(model, "model", None)
+    missing = [name for name in _REQUIRED if not hasattr(inner, name)]
+    if inner is None or missing or not hasattr(model, "lm_head"):
+        raise BtsError(
+            f"{role} ({type(model).__name__}) does not have the Llama layout "
+            f"(missing {', '.join(missing) or 'model/lm_head'}): use a Llama, Mistral or Qwen2-style "
+            "causal LM"
+        )
+    return Decoder(model)
+
+
+def check_compatible(hub: PreTrainedModel, expert: PreTrainedModel, name: str) -> None:
+    """Stitching pairs hidden states layer by layer, so depth, width and vocabulary must match."""
+    for attr, what in (
+        ("num_hidden_layers", "layers"),
+        ("hidden_size", "hidden size"),
+        ("vocab_size", "vocabulary size"),
+    ):
+        got, want = getattr(expert.config, attr), getattr(hub.config, attr)
+        if got != want:
+            raise BtsError(
+                f"expert '{name}' has {what} {got} but the hub has {want}: "
+                "experts must be branched from the hub (same architecture and tokenizer)"
+            )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze a constituent: no weight gradients, no optimizer state, no dropout."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 over every weight (name, dtype, shape, bytes), in name order; tied weights once."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict(keep_vars=False).items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a causal LM from a local directory (safetensors) or a local `.gguf` file."""
+    path = Path(path)
+    if not path.exists():
+        raise BtsError(f"model not found at {path}: give a directory saved with save_pretrained")
+    kwargs = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    if not (path / "config.json").is_file():
+        raise BtsError(f"{path} has no config.json: give a directory saved with save_pretrained")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BtsError(f"cannot load model from {path} ({first}): re-save it") from err

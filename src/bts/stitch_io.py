@@ -1,0 +1,127 @@
+"""Saving and loading stitched models: stitch weights plus a manifest of verified constituents.
+
+A stitched model directory holds only what was trained (`stitch.safetensors`) and `bts_stitch.json`,
+which names each constituent's directory and the SHA-256 of its weights. Constituents are loaded
+from their own directories and refused if their weights changed since stitching, because stitch
+layers trained against other weights would silently compute something else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from bts.errors import BtsError
+from bts.models import load_causal_lm, weights_sha256
+from bts.stitch import StitchedModel, StitchPoint
+
+MANIFEST = "bts_stitch.json"
+WEIGHTS = "stitch.safetensors"
+FORMAT = "bts-stitched-model"
+
+
+def _constituent_path(model, role: str) -> Path:
+    location = getattr(model, "name_or_path", "") or ""
+    if not location or not (Path(location) / "config.json").is_file():
+        raise BtsError(
+            f"{role} has no saved location ('{location}'): save it with save_pretrained and load it "
+            "from that directory before stitching"
+        )
+    return Path(location).resolve()
+
+
+def _entry(model, role: str, directory: Path) -> dict:
+    location = _constituent_path(model, role)
+    return {
+        "path": os.path.relpath(location, directory.resolve()),
+        "sha256": weights_sha256(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def manifest(model: StitchedModel, directory: Path) -> dict:
+    """The manifest that `save_stitched` writes, with paths relative to `directory`."""
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "placement": [[p.after_layer, p.kind] for p in model.placement],
+        "gate_dropout": model.gate_dropout,
+        "hub": _entry(model.hub, "the hub", directory),
+        "experts": {n: _entry(m, f"expert '{n}'", directory) for n, m in model.experts.items()},
+    }
+
+
+def save_stitched(model: StitchedModel, directory: Path) -> None:
+    """Write stitch weights and manifest atomically: a crash leaves no half-written directory."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        info = manifest(model, tmp)
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.stitches.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise BtsError(
+            f"{path} not found: give a directory written by StitchedModel.save_pretrained"
+        )
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BtsError(f"{path} is not valid JSON ({err.msg}): re-save the stitched model") from err
+    if info.get("format") != FORMAT:
+        raise BtsError(f"{path} is not a bts stitched-model manifest: re-save the stitched model")
+    return info
+
+
+def _load_verified(directory: Path, entry: dict, role: str):
+    location = (directory / entry["path"]).resolve()
+    model = load_causal_lm(location, dtype=getattr(torch, entry.get("dtype", "float32")))
+    if weights_sha256(model) != entry["sha256"]:
+        raise BtsError(
+            f"{role} at {location} changed since it was stitched (SHA-256 mismatch): restore the "
+            "original weights or stitch again"
+        )
+    return model
+
+
+def load_stitched(directory: Path) -> StitchedModel:
+    """Load constituents from the manifest (verifying their hashes), then the stitch weights."""
+    directory = Path(directory)
+    info = read_manifest(directory)
+    hub = _load_verified(directory, info["hub"], "the hub")
+    experts = {
+        name: _load_verified(directory, entry, f"expert '{name}'")
+        for name, entry in info["experts"].items()
+    }
+    placement = [StitchPoint(int(a), kind) for a, kind in info["placement"]]
+    model = StitchedModel(hub, experts, placement, gate_dropout=info["gate_dropout"])
+    try:
+        weights = load_file(str(directory / WEIGHTS))
+    except (SafetensorError, OSError) as err:
+        raise BtsError(
+            f"cannot read {directory / WEIGHTS} ({err}): the stitch weights are corrupt; stitch again"
+        ) from err
+    missing, unexpected = model.stitches.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise BtsError(
+            f"{directory / WEIGHTS} does not match its manifest (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}): re-save the stitched model"
+        )
+    return model
