@@ -1,0 +1,166 @@
+"""Weight-merging baselines: model soup, task arithmetic, TIES and DARE-TIES, run by mergekit.
+
+Each method is a small config builder registered by name (mergekit's plugin style): it turns a
+`MergeSpec` into a mergekit `MergeConfiguration`; `merge_models` runs it and writes a model
+directory that `AutoModelForCausalLM.from_pretrained` loads, tokenizer included.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bts.baselines import atomic_dir, check_family
+from bts.errors import BtsError
+
+MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties"]
+_SPARSE = ("ties", "dare_ties")
+
+
+class MergeSpec(BaseModel):
+    """One merge baseline. YAML may spell `lambda_` as `lambda`."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    method: MergeMethod
+    weight: float = 1.0  # every expert's weight (experts are symmetric in this project)
+    density: float = Field(0.5, gt=0.0, le=1.0)  # fraction of each delta kept (ties, dare_ties)
+    lambda_: float | None = Field(None, alias="lambda")  # scale of the merged delta; None = 1
+    normalize: bool = True  # divide by the sum of (participating) weights
+    random_seed: int = 0  # DARE's random drops
+
+    @model_validator(mode="after")
+    def _only_parameters_the_method_uses(self) -> MergeSpec:
+        if self.method not in _SPARSE and "density" in self.model_fields_set:
+            raise ValueError(f"density applies to {' and '.join(_SPARSE)}, not {self.method}")
+        if self.method == "linear" and self.lambda_ is not None:
+            raise ValueError("lambda applies to task-vector methods, not linear")
+        return self
+
+
+# Defaults: soup = plain mean of the experts; task arithmetic adds half the summed expert deltas
+# (Ilharco et al. tune lambda on validation data, 0.3-0.5 being typical for several tasks);
+# TIES keeps half of each delta (dense enough for continued-pretraining deltas) with the disjoint
+# mean; DARE-TIES drops half at random, rescales, then merges like TIES.
+DEFAULT_MERGES: list[MergeSpec] = [
+    MergeSpec(method="linear"),
+    MergeSpec(method="task_arithmetic", lambda_=0.5, normalize=False),
+    MergeSpec(method="ties", density=0.5),
+    MergeSpec(method="dare_ties", density=0.5),
+]
+
+ConfigBuilder = Callable[[MergeSpec, Path, Mapping[str, Path]], dict]
+MERGE_METHODS: dict[str, ConfigBuilder] = {}
+
+
+def register(*names: str) -> Callable[[ConfigBuilder], ConfigBuilder]:
+    """Make a config builder available under the given method names."""
+
+    def add(builder: ConfigBuilder) -> ConfigBuilder:
+        for name in names:
+            MERGE_METHODS[name] = builder
+        return builder
+
+    return add
+
+
+def _model(path: Path, **parameters: float) -> dict:
+    return {"model": str(path), "parameters": parameters}
+
+
+@register("linear")
+def _model_soup(spec: MergeSpec, seed_dir: Path, expert_dirs: Mapping[str, Path]) -> dict:
+    """Model soup: the (weighted) mean of the experts alone.
+
+    The seed is not an ingredient: the BTS paper's soup averages the experts, which were all
+    branched from the seed, so the seed is already their common starting point.
+    """
+    return {
+        "merge_method": "linear",
+        "models": [_model(path, weight=spec.weight) for path in expert_dirs.values()],
+        "parameters": {"normalize": spec.normalize},
+    }
+
+
+@register("task_arithmetic", "ties", "dare_ties")
+def _task_vectors(spec: MergeSpec, seed_dir: Path, expert_dirs: Mapping[str, Path]) -> dict:
+    """seed + lambda * combine(weight * (expert - seed)), the seed being mergekit's base model."""
+    per_expert = {"weight": spec.weight}
+    if spec.method in _SPARSE:
+        per_expert["density"] = spec.density
+    return {
+        "merge_method": spec.method,
+        "base_model": str(seed_dir),
+        "models": [_model(path, **per_expert) for path in expert_dirs.values()],
+        "parameters": {
+            "normalize": spec.normalize,
+            "lambda": 1.0 if spec.lambda_ is None else spec.lambda_,
+        },
+    }
+
+
+def merge_configuration(
+    spec: MergeSpec, seed_dir: Path, expert_dirs: Mapping[str, Path], out_dtype: str = "float32"
+) -> MergeConfiguration:
+    """The mergekit configuration for `spec`, with absolute paths; arithmetic is in float32."""
+    seed_dir = Path(seed_dir).resolve()
+    expert_dirs = {name: Path(path).resolve() for name, path in expert_dirs.items()}
+    raw = MERGE_METHODS[spec.method](spec, seed_dir, expert_dirs)
+    return MergeConfiguration.model_validate({**raw, "dtype": "float32", "out_dtype": out_dtype})
+
+
+def merge_models(
+    spec: MergeSpec,
+    seed_dir: Path,
+    expert_dirs: Mapping[str, Path],
+    out_dir: Path,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Merge the experts (and the seed, for task-vector methods) into `out_dir`, atomically.
+
+    `out_dir` gets the weights (in the seed's dtype), config, tokenizer and the replayable
+    `mergekit_config.yml`. Returns `out_dir`.
+    """
+    seed_config = check_family(Path(seed_dir), expert_dirs)
+    out_dtype = str(seed_config.dtype or torch.float32).removeprefix("torch.")
+    config = merge_configuration(spec, seed_dir, expert_dirs, out_dtype)
+    # Paths are absolute and no model card is written: mergekit would otherwise ask the Hub
+    # whether a relative path names a repository, which fails offline.
+    options = MergeOptions(
+        device="cpu",
+        write_model_card=False,
+        copy_tokenizer=True,
+        random_seed=spec.random_seed,
+        quiet=True,
+    )
+    out_dir = Path(out_dir).resolve()
+    with atomic_dir(out_dir, overwrite) as tmp:
+        with _caller_rng_kept():
+            run_merge(config, str(tmp), options=options)
+        if not (tmp / "tokenizer_config.json").is_file():
+            raise BtsError(f"mergekit wrote no tokenizer for {out_dir.name}: check {seed_dir}")
+        (tmp / "mergekit_config.yml").write_text(config.to_yaml() + "\n")
+    return out_dir
+
+
+@contextmanager
+def _caller_rng_kept() -> Iterator[None]:
+    """Restore the global RNGs that mergekit reseeds (random, numpy, torch) after the block."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

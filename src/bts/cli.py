@@ -1,0 +1,221 @@
+"""The `bts` command line: each command parses its arguments and calls one function.
+
+Every stage command takes the run's config and its run directory (`--out`); a stage whose output
+is complete is skipped, an interrupted one continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bts.errors import BtsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+data_app = typer.Typer(no_args_is_help=True, help="Inspect the built-in and configured domains.")
+app.add_typer(data_app, name="data")
+
+Config = Annotated[Path, typer.Argument(help="Run config (YAML), e.g. configs/demo.yaml")]
+Out = Annotated[
+    Path | None, typer.Option("--out", help="Run directory (default runs/<config name>)")
+]
+RunDir = Annotated[Path, typer.Argument(help="A run directory made by `bts run`")]
+
+
+def _friendly(fn):
+    """Bad input is one line on stderr and exit status 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            return fn(*args, **kwargs)
+        except BtsError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _open(config: Path, out: Path | None):
+    from bts.config import load_config
+    from bts.stages import Run
+
+    cfg = load_config(config)
+    return Run.open(cfg, out or Path("runs") / config.stem)
+
+
+def _timed(label: str, fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    typer.echo(f"[bts] {label}: done in {time.perf_counter() - start:.1f} s -> {result}", err=True)
+    return result
+
+
+@app.command()
+@_friendly
+def run(config: Config, out: Out = None) -> None:
+    """Run every stage: seed, branch, experts, stitch, baselines, report."""
+    from bts import stages
+    from bts.compare import compare
+
+    r = _open(config, out)
+    _timed("seed", stages.make_seed, r)
+    _timed("branch", stages.branch, r)
+    for domain in r.config.expert_domains:
+        _timed(f"expert {domain}", stages.train_expert, r, domain)
+    _timed("stitch", stages.stitch, r)
+    _timed("baselines", stages.baselines, r)
+    _timed("report", compare, r)
+
+
+@app.command()
+@_friendly
+def seed(config: Config, out: Out = None) -> None:
+    """Pretrain the tiny seed, or import a pretrained one (directory or GGUF)."""
+    from bts.stages import make_seed
+
+    _timed("seed", make_seed, _open(config, out))
+
+
+@app.command()
+@_friendly
+def branch(config: Config, out: Out = None) -> None:
+    """Copy the seed into one branch per expert domain."""
+    from bts.stages import branch as branch_stage
+
+    _timed("branch", branch_stage, _open(config, out))
+
+
+@app.command("train-expert")
+@_friendly
+def train_expert(
+    config: Config,
+    domain: Annotated[str, typer.Argument(help="Expert domain to train")],
+    out: Out = None,
+) -> None:
+    """Continue pretraining one branch on its domain (experts can train on separate machines)."""
+    from bts.stages import train_expert as stage
+
+    _timed(f"expert {domain}", stage, _open(config, out), domain)
+
+
+@app.command()
+@_friendly
+def stitch(config: Config, out: Out = None) -> None:
+    """Freeze seed and experts and train only the stitch layers."""
+    from bts.stages import stitch as stage
+
+    _timed("stitch", stage, _open(config, out))
+
+
+@app.command()
+@_friendly
+def baselines(config: Config, out: Out = None) -> None:
+    """Build the merges (mergekit) and BTX from the same seed and experts."""
+    from bts.stages import baselines as stage
+
+    _timed("baselines", stage, _open(config, out))
+
+
+@app.command()
+@_friendly
+def report(run_dir: RunDir) -> None:
+    """Evaluate every system of a run and write report.json, report.md and plots."""
+    from bts.compare import compare
+    from bts.stages import Run
+
+    _timed("report", compare, Run.load(run_dir))
+
+
+@app.command("add-expert")
+@_friendly
+def add_expert(
+    run_dir: RunDir,
+    name: Annotated[str, typer.Argument(help="Name (and data domain) of the new expert")],
+    expert: Annotated[Path, typer.Option(help="The new expert's model directory")],
+    out: Annotated[Path, typer.Option(help="Where to write the new stitched model")],
+    stitched: Annotated[
+        Path | None, typer.Option(help="Stitched model (default RUN/stitched)")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Training steps (default: the stitch stage's)")
+    ] = None,
+) -> None:
+    """Stitch in a new expert, training only its stitch parameters; the old model stays intact."""
+    from bts.stages import Run
+    from bts.stages import add_expert as stage
+
+    r = Run.load(run_dir)
+    _timed("add-expert", stage, r, stitched or r.path("stitched"), name, expert, out, steps)
+
+
+@app.command("remove-expert")
+@_friendly
+def remove_expert(
+    stitched: Annotated[Path, typer.Argument(help="A stitched model directory")],
+    name: Annotated[str, typer.Argument(help="Expert to remove")],
+    out: Annotated[Path, typer.Option(help="Where to write the new stitched model")],
+) -> None:
+    """Drop an expert with no training; the old stitched model stays intact."""
+    from bts.stages import remove_expert as stage
+
+    _timed("remove-expert", stage, stitched, name, out)
+
+
+@app.command("eval")
+@_friendly
+def evaluate(
+    run_dir: RunDir,
+    models: Annotated[list[Path], typer.Argument(help="Model directories (HF or stitched)")],
+    out: Annotated[Path, typer.Option(help="JSON records output")] = Path("eval.json"),
+) -> None:
+    """Evaluate causal LMs or stitched models on the run's held-out data and tasks."""
+    from bts.compare import evaluate_paths
+    from bts.evaluate import format_table, write_records
+
+    records = evaluate_paths(Path(run_dir), models)
+    write_records(records, out)
+    typer.echo(format_table(records))
+
+
+@data_app.command("list")
+@_friendly
+def data_list(config: Config, out: Out = None) -> None:
+    """Each configured domain with its source, licence and train/held-out token counts."""
+    from bts.compare import domain_rows
+
+    rows = domain_rows(_open(config, out))
+    header = f"{'domain':<10} {'train docs':>10} {'held-out docs':>13} {'train tokens':>13} {'held-out tokens':>15}  source (licence)"
+    typer.echo(header)
+    for r in rows:
+        typer.echo(
+            f"{r['domain']:<10} {r['train_docs']:>10} {r['held_out_docs']:>13} "
+            f"{r['train_tokens']:>13} {r['held_out_tokens']:>15}  {r['source']} ({r['licence']})"
+        )
+
+
+@data_app.command("sample")
+@_friendly
+def data_sample(
+    domain: Annotated[str, typer.Argument(help="Built-in domain name or a local path")],
+    n: Annotated[int, typer.Option(help="How many documents")] = 2,
+    chars: Annotated[int, typer.Option(help="Characters shown per document")] = 600,
+    seed: int = 0,
+) -> None:
+    """Print a few documents of a domain."""
+    from bts.data.domains import sample_documents
+
+    for i, text in enumerate(sample_documents(domain, n, seed)):
+        typer.echo(f"--- {domain} #{i} ---\n{text[:chars]}\n")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

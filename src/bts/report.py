@@ -1,0 +1,617 @@
+"""The human report of a run: markdown tables and PNG plots from measured results.
+
+Reads only plain files other stages wrote (report.json, gates.json, metrics.jsonl) and
+computes nothing about models, so it stays light: no torch, matplotlib through Agg only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bts.errors import BtsError
+
+EXPERT_PREFIX = "expert:"
+MINUS_PREFIX = "bts-minus:"
+MERGES = ("linear", "task_arithmetic", "ties", "dare_ties")
+MAX_TOKENS = 64  # per-token gate plot: wider figures make unreadable labels
+MAX_TOKEN_CHARS = 10
+EMA_SPANS = 30  # a training curve is smoothed by an EMA spanning 1/30 of its points
+DASH = "–"
+IMAGE_FILES = {
+    "domain_losses": "domain_losses.png",
+    "training_curves": "training_curves.png",
+    "gates_layers": "gates_layers.png",
+    "gates_tokens": "gates_tokens.png",
+}
+
+# ---------------------------------------------------------------- numbers and ordering
+
+
+def average_loss(system: Mapping[str, Any], domains: Sequence[str]) -> float:
+    """Mean of the system's per-domain losses over `domains`; NaN if any domain is missing."""
+    losses = system.get("loss", {})
+    if not domains or any(_number(losses.get(d)) is None for d in domains):
+        return math.nan
+    return sum(losses[d] for d in domains) / len(domains)
+
+
+def ordered_systems(report: Mapping[str, Any]) -> list[str]:
+    """Main-table systems in reading order: seed, experts, bts, merges, btx, then others."""
+    domains = list(report["domains"])
+    names = [n for n in report["systems"] if not n.startswith(MINUS_PREFIX)]
+    return sorted(names, key=lambda n: _system_rank(n, domains))
+
+
+def _system_rank(name: str, domains: list[str]) -> tuple[int, int, str]:
+    """Sort key: group, position inside the group, name (for systems we do not know)."""
+    if name == "seed":
+        return (0, 0, "")
+    if name.startswith(EXPERT_PREFIX):
+        domain = name[len(EXPERT_PREFIX) :]
+        return (1, domains.index(domain) if domain in domains else len(domains), domain)
+    if name == "bts":
+        return (2, 0, "")
+    if name in MERGES:
+        return (3, MERGES.index(name), "")
+    if name == "btx":
+        return (4, 0, "")
+    return (5, 0, name)
+
+
+def removed_domains(report: Mapping[str, Any]) -> list[str]:
+    """Domains whose expert was removed in a `bts-minus:<domain>` system, in domain order."""
+    domains = list(report["domains"])
+    removed = [n[len(MINUS_PREFIX) :] for n in report["systems"] if n.startswith(MINUS_PREFIX)]
+    return sorted(removed, key=lambda d: (domains.index(d) if d in domains else len(domains), d))
+
+
+def _number(value: Any) -> float | None:
+    """The value as a finite float, or None (missing, null, NaN)."""
+    if value is None or isinstance(value, bool):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _loss_keys(report: Mapping[str, Any], names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(domains, extra loss keys such as humaneval_loss), extras in first-seen order."""
+    domains = list(report["domains"])
+    extras: list[str] = []
+    for name in names:
+        for key in report["systems"][name].get("loss", {}):
+            if key not in domains and key not in extras:
+                extras.append(key)
+    return domains, extras
+
+
+def _accuracy_tasks(report: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """Accuracy task names across the systems, in first-seen order."""
+    tasks: list[str] = []
+    for name in names:
+        tasks += [t for t in report["systems"][name].get("accuracy", {}) if t not in tasks]
+    return tasks
+
+
+def _fmt_loss(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def _fmt_delta(value: float) -> str:
+    return f"{value:+.4f}"
+
+
+def _fmt_count(n: float) -> str:
+    """Human count: 134.5M, 2.1B, 950."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:,.1f}"
+
+
+# ---------------------------------------------------------------- markdown
+
+
+@dataclass(frozen=True)
+class _Column:
+    """One table column: header, how to read a value from a system, which way is better."""
+
+    title: str
+    value: Callable[[Mapping[str, Any]], float | None]
+    fmt: Callable[[float], str]
+    better: str | None = None  # "min", "max", or None for columns that are not scores
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text: Sequence[int] = (0,)) -> str:
+    """A pipe table; columns whose index is in `text` left-aligned, numbers right-aligned."""
+    align = [":---" if i in text else "---:" for i in range(len(header))]
+    lines = [header, align, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def _column_cells(column: _Column, systems: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Formatted cells of one column, the best bolded when at least two systems have a value."""
+    values = [column.value(s) for s in systems]
+    cells = [DASH if v is None else column.fmt(v) for v in values]
+    present = [v for v in values if v is not None]
+    if column.better is None or len(present) < 2:
+        return cells
+    best = column.fmt(min(present) if column.better == "min" else max(present))
+    # Compare shown strings so that values equal to the shown precision are all bold.
+    return [f"**{c}**" if c == best else c for c in cells]
+
+
+def _main_columns(report: Mapping[str, Any], names: Sequence[str]) -> list[_Column]:
+    """Columns of the results table: losses, average, extra losses, accuracies, costs."""
+    domains, extras = _loss_keys(report, names)
+
+    def loss(key: str) -> Callable[[Mapping[str, Any]], float | None]:
+        return lambda s: _number(s.get("loss", {}).get(key))
+
+    def acc(task: str) -> Callable[[Mapping[str, Any]], float | None]:
+        return lambda s: _number(s.get("accuracy", {}).get(task))
+
+    def field(key: str) -> Callable[[Mapping[str, Any]], float | None]:
+        return lambda s: _number(s.get(key))
+
+    columns = [_Column(f"{d} loss ↓", loss(d), _fmt_loss, "min") for d in domains]
+    columns.append(
+        _Column("avg loss ↓", lambda s: _number(average_loss(s, domains)), _fmt_loss, "min")
+    )
+    columns += [_Column(f"{k} ↓", loss(k), _fmt_loss, "min") for k in extras]
+    columns += [_Column(f"{t} ↑", acc(t), _fmt_loss, "max") for t in _accuracy_tasks(report, names)]
+    columns += [
+        _Column("train tokens", field("train_tokens"), _fmt_count),
+        _Column("train s", field("train_seconds"), _fmt_seconds),
+    ]
+    return columns
+
+
+def _params_cell(system: Mapping[str, Any]) -> str:
+    """'trained / total (share)', the share being what the paper reports as 2.4% for BTS."""
+    trained, total = _number(system.get("params_trained")), _number(system.get("params_total"))
+    if trained is None or total is None:
+        return DASH
+    share = f" ({100 * trained / total:.2f}%)" if total else ""
+    return f"{_fmt_count(trained)} / {_fmt_count(total)}{share}"
+
+
+def _results_section(report: Mapping[str, Any]) -> str:
+    """The systems x measurements table."""
+    names = ordered_systems(report)
+    systems = [report["systems"][n] for n in names]
+    columns = _main_columns(report, names)
+    by_column = [_column_cells(c, systems) for c in columns]
+    header = ["system", *[c.title for c in columns], "params trained / total"]
+    rows = [
+        [f"`{name}`", *[cells[i] for cells in by_column], _params_cell(systems[i])]
+        for i, name in enumerate(names)
+    ]
+    return "\n\n".join(
+        [
+            "## Results",
+            "Held-out loss per domain (lower is better, ↓) and task accuracy (higher is "
+            "better, ↑); the best value of each column is in bold.",
+            _table(header, rows),
+        ]
+    )
+
+
+def _loss_of(report: Mapping[str, Any], name: str, key: str) -> float | None:
+    return _number(report["systems"].get(name, {}).get("loss", {}).get(key))
+
+
+def _delta(a: float | None, b: float | None) -> str:
+    return DASH if a is None or b is None else _fmt_delta(a - b)
+
+
+def _removal_summary(report: Mapping[str, Any], domain: str, keys: Sequence[str]) -> str:
+    """One sentence: how far the removed domain moved, and the largest move elsewhere."""
+    minus = f"{MINUS_PREFIX}{domain}"
+    bts, cut, seed = (_loss_of(report, n, domain) for n in ("bts", minus, "seed"))
+    if bts is None or cut is None:
+        return ""
+    text = f"Removing `{domain}` changes its loss by {_fmt_delta(cut - bts)}"
+    if seed is not None:
+        text += f" (the seed is {_fmt_delta(seed - bts)} from bts)"
+    others = [
+        abs(b - a)
+        for k in keys
+        if k != domain
+        for a, b in [(_loss_of(report, "bts", k), _loss_of(report, minus, k))]
+        if a is not None and b is not None
+    ]
+    if others:
+        text += f"; the largest change on another column is {max(others):.4f}"
+    return text + "."
+
+
+def _removal_section(report: Mapping[str, Any]) -> str:
+    """Per removed expert: loss on every domain for bts vs bts-minus vs seed, with deltas."""
+    removed = removed_domains(report)
+    if not removed:
+        return ""
+    domains, extras = _loss_keys(report, list(report["systems"]))
+    keys = domains + extras
+    parts = [
+        "## Removal experiment",
+        "Each expert's stitch parameters dropped from the trained BTS model, without "
+        "retraining. Δ columns are `bts-minus` minus the named system: the removed domain "
+        "should move toward the seed while the others barely move.",
+    ]
+    for domain in removed:
+        minus = f"{MINUS_PREFIX}{domain}"
+        header = ["loss on", "bts", f"`{minus}`", "seed", "Δ vs bts", "Δ vs seed"]
+        rows = []
+        for key in keys:
+            bts, cut, seed = (_loss_of(report, n, key) for n in ("bts", minus, "seed"))
+            label = f"**{key}** (removed)" if key == domain else key
+            shown = [DASH if v is None else _fmt_loss(v) for v in (bts, cut, seed)]
+            rows.append([label, *shown, _delta(cut, bts), _delta(cut, seed)])
+        parts += [f"### Without `{domain}`", _table(header, rows)]
+        summary = _removal_summary(report, domain, keys)
+        if summary:
+            parts.append(summary)
+    return "\n\n".join(parts)
+
+
+def _check_gate_entry(domain: str, entry: Mapping[str, Any], rows_key: str) -> None:
+    """Every row of gate weights must have one weight per source."""
+    n = len(entry["sources"])
+    if any(len(row) != n for row in entry["weights"]) or len(entry["weights"]) != len(
+        entry[rows_key]
+    ):
+        raise BtsError(
+            f"gates.json: '{domain}' weights do not match its {rows_key} x sources: "
+            "regenerate gates.json with `bts run`"
+        )
+
+
+def last_layer_gates(entry: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
+    """(layer, weight per source) at the deepest experts-into-hub layer of one eval domain."""
+    i = max(range(len(entry["layers"])), key=lambda j: entry["layers"][j])
+    return entry["layers"][i], dict(zip(entry["sources"], entry["weights"][i], strict=True))
+
+
+def _gate_section(gates: Mapping[str, Any], images: Mapping[str, str]) -> str:
+    """Average gate weight per source at the last experts-into-hub layer, per eval domain."""
+    layer_mean = gates.get("layer_mean", {})
+    parts = ["## Gate analysis"]
+    if layer_mean:
+        sources: list[str] = []
+        rows = []
+        for domain, entry in layer_mean.items():
+            _check_gate_entry(domain, entry, "layers")
+            sources += [s for s in entry["sources"] if s not in sources]
+        for domain, entry in layer_mean.items():
+            layer, weights = last_layer_gates(entry)
+            experts = {s: w for s, w in weights.items() if s != "hub"}
+            dominant = f"`{max(experts, key=experts.get)}`" if experts else DASH
+            cells = [DASH if s not in weights else f"{weights[s]:.3f}" for s in sources]
+            rows.append([domain, str(layer), *cells, dominant])
+        parts += [
+            "Experts-into-hub gate weights (softmax over hub and experts, averaged over "
+            "hidden dimensions and tokens) at the last experts-into-hub layer.",
+            _table(
+                ["eval domain", "layer", *sources, "dominant expert"], rows, (0, len(sources) + 2)
+            ),
+        ]
+    captions = {"gates_layers": "gate weights by layer", "gates_tokens": "gate weights by token"}
+    parts += [f"![{text}]({images[k]})" for k, text in captions.items() if k in images]
+    return "\n\n".join(parts)
+
+
+def render_markdown(
+    report: Mapping[str, Any],
+    gates: Mapping[str, Any] | None = None,
+    images: Mapping[str, str] | None = None,
+) -> str:
+    """The whole report.md text; `images` maps IMAGE_FILES keys to paths relative to it."""
+    images = dict(images or {})
+    parts = ["# BTS run report", _results_section(report)]
+    if "domain_losses" in images:
+        parts.append(f"![loss per domain]({images['domain_losses']})")
+    parts.append(_removal_section(report))
+    if "training_curves" in images:
+        parts += ["## Training", f"![training curves]({images['training_curves']})"]
+    if gates:
+        parts.append(_gate_section(gates, images))
+    if report.get("config"):
+        config = json.dumps(report["config"], indent=2, sort_keys=True)
+        parts.append(
+            f"<details><summary>Configuration</summary>\n\n```json\n{config}\n```\n\n</details>"
+        )
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A figure on its own Agg canvas: no pyplot, so no global state and no GUI backend."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _temp_path(path: Path) -> Path:
+    """A sibling temp name: the rename stays on one file system, so it is atomic."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Write the PNG through a temp file and a rename, so readers never see half a file."""
+    path, tmp = Path(path), _temp_path(Path(path))
+    try:
+        with warnings.catch_warnings():
+            # Tokens of other scripts may lack glyphs in the default font: drawn as boxes.
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _colors(n: int) -> list[Any]:
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_domain_losses(report: Mapping[str, Any], path: Path) -> None:
+    """Grouped bars: one group per domain, one bar per system (bts-minus rows left out)."""
+    names, domains = ordered_systems(report), list(report["domains"])
+    if not names or not domains:
+        raise BtsError("report.json has no systems or no domains to plot: rerun `bts run`")
+    fig = _figure(max(6.0, 0.35 * len(names) * len(domains) + 2.5), 4.2)
+    ax = fig.subplots()
+    x, width = np.arange(len(domains)), 0.8 / len(names)
+    shown = []
+    for i, (name, color) in enumerate(zip(names, _colors(len(names)), strict=True)):
+        losses = [_loss_of(report, name, d) for d in domains]
+        shown += [v for v in losses if v is not None]
+        heights = [math.nan if v is None else v for v in losses]
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, heights, width, label=name, color=color)
+    ax.set_xticks(x, domains)
+    ax.set_ylabel("held-out loss (lower is better)")
+    if shown:
+        # Zoom in: differences between systems are small next to the loss itself.
+        low, high = min(shown), max(shown)
+        margin = max(0.15 * (high - low), 0.02 * high)
+        ax.set_ylim(max(0.0, low - margin), high + margin)
+        ax.set_title("Loss per domain (y axis does not start at 0)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _save(fig, path)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One stage's logged losses; `tokens` is cumulative, or None if the log lacks it."""
+
+    steps: list[int]
+    losses: list[float]
+    tokens: list[float] | None
+
+
+def load_curve(path: Path) -> Curve:
+    """Step records of a metrics.jsonl (events skipped; a resumed step keeps its last record)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BtsError(f"training log {path} not found: pass the metrics.jsonl a stage wrote")
+    by_step: dict[int, dict[str, Any]] = {}
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # a stage still running may be mid-way through a line
+                break
+            raise BtsError(f"{path}:{number} is not JSON ({err.msg}): fix or remove it") from err
+        if "event" not in record and "step" in record and _number(record.get("loss")) is not None:
+            by_step[int(record["step"])] = record
+    records = [by_step[s] for s in sorted(by_step)]
+    tokens = None
+    if records and all(_number(r.get("tokens")) is not None for r in records):
+        tokens = [float(r["tokens"]) for r in records]
+        # Cumulative counts grow; per-step counts (constant or jittering) must be summed.
+        cumulative = all(b >= a for a, b in zip(tokens, tokens[1:], strict=False))
+        if not cumulative or (len(tokens) > 1 and tokens[-1] == tokens[0]):
+            tokens = np.cumsum(tokens).tolist()
+    return Curve([int(r["step"]) for r in records], [float(r["loss"]) for r in records], tokens)
+
+
+def _ema(values: Sequence[float]) -> list[float]:
+    """Exponential moving average over ~1/30 of the curve, to see the trend through noise."""
+    keep = 1 - 2 / (len(values) / EMA_SPANS + 1)
+    out: list[float] = []
+    for v in values:
+        out.append(v if not out else keep * out[-1] + (1 - keep) * v)
+    return out
+
+
+def load_curves(logs: Mapping[str, Path]) -> dict[str, Curve]:
+    """The curves of the logs that hold at least one step (a stage may not have logged yet)."""
+    curves = {label: load_curve(p) for label, p in logs.items()}
+    return {label: c for label, c in curves.items() if c.steps}
+
+
+def plot_training_curves(logs: Mapping[str, Path], path: Path) -> None:
+    """Training loss per stage, one line each, against tokens seen (steps if a log lacks them)."""
+    curves = load_curves(logs)
+    if not curves:
+        raise BtsError("no training steps in the given logs: run a stage before `bts report`")
+    _plot_curves(curves, path)
+
+
+def _plot_curves(curves: Mapping[str, Curve], path: Path) -> None:
+    """Draw non-empty curves; the x axis is tokens only if every stage logged them."""
+    use_tokens = all(c.tokens is not None for c in curves.values())
+    fig = _figure(7.5, 4.2)
+    ax = fig.subplots()
+    for (label, curve), color in zip(curves.items(), _colors(len(curves)), strict=True):
+        x = curve.tokens if use_tokens else curve.steps
+        if len(x) >= 2 * EMA_SPANS:  # shorter curves: raw only, EMA would just lag
+            ax.plot(x, curve.losses, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(x, _ema(curve.losses), color=color, label=label, linewidth=1.5)
+        else:
+            ax.plot(x, curve.losses, color=color, label=label, marker=".", linewidth=1.5)
+    ax.set_xlabel("tokens seen in the stage" if use_tokens else "step")
+    ax.set_ylabel("training loss (smoothed; raw faint)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _token_label(token: str) -> str:
+    """A short, visible x tick label for one token."""
+    shown = token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "·")
+    return shown if len(shown) <= MAX_TOKEN_CHARS else shown[: MAX_TOKEN_CHARS - 1] + "…"
+
+
+def _plot_layer_maps(layer_mean: Mapping[str, Any], path: Path) -> None:
+    """One heat map (layers x sources) per eval domain, a shared 0..1 colour scale."""
+    fig = _figure(max(4.0, 2.6 * len(layer_mean)) + 1.0, 3.6)
+    axes = fig.subplots(1, len(layer_mean), squeeze=False)[0]
+    image = None
+    for ax, (domain, entry) in zip(axes, layer_mean.items(), strict=True):
+        _check_gate_entry(domain, entry, "layers")
+        weights = np.asarray(entry["weights"], dtype=float)
+        image = ax.imshow(weights, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(entry["sources"])), entry["sources"], rotation=45, ha="right")
+        ax.set_yticks(range(len(entry["layers"])), [str(n) for n in entry["layers"]])
+        ax.set_title(domain, fontsize=10)
+        ax.set_ylabel("layer (stitch after block)")
+        if weights.size <= 64:
+            for (r, c), w in np.ndenumerate(weights):
+                color = "black" if w > 0.6 else "white"
+                ax.text(c, r, f"{w:.2f}", ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(image, ax=list(axes), label="mean gate weight")
+    fig.suptitle("Experts-into-hub gate weights by layer", fontsize=11)
+    _save(fig, path)
+
+
+def _plot_token_maps(tokens: Mapping[str, Any], path: Path) -> None:
+    """Per eval domain, gates per token of one sample (sources x tokens), first MAX_TOKENS."""
+    longest = max(min(len(e["tokens"]), MAX_TOKENS) for e in tokens.values())
+    fig = _figure(max(6.0, 0.2 * longest + 2.0), 2.3 * len(tokens) + 0.6)
+    axes = fig.subplots(len(tokens), 1, squeeze=False)[:, 0]
+    image = None
+    for ax, (domain, entry) in zip(axes, tokens.items(), strict=True):
+        _check_gate_entry(domain, entry, "tokens")
+        weights = np.asarray(entry["weights"][:MAX_TOKENS], dtype=float).T
+        image = ax.imshow(weights, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        labels = [_token_label(t) for t in entry["tokens"][:MAX_TOKENS]]
+        # parse_math=False: a token with '$' must not be read as mathtext.
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7, parse_math=False)
+        ax.set_yticks(range(len(entry["sources"])), entry["sources"], fontsize=8)
+        ax.set_title(f"{domain}: layer {entry['layer']}, {len(labels)} tokens", fontsize=10)
+    fig.colorbar(image, ax=list(axes), label="gate weight")
+    _save(fig, path)
+
+
+def plot_gate_maps(gates: Mapping[str, Any], path_layers: Path, path_tokens: Path) -> list[Path]:
+    """Heat maps of gate weights by layer and by token; returns the files it wrote."""
+    written = []
+    if gates.get("layer_mean"):
+        _plot_layer_maps(gates["layer_mean"], path_layers)
+        written.append(Path(path_layers))
+    if gates.get("tokens"):
+        _plot_token_maps(gates["tokens"], path_tokens)
+        written.append(Path(path_tokens))
+    return written
+
+
+# ---------------------------------------------------------------- files
+
+
+def _read_json(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON object from disk, or a one-line BtsError naming the file and the fix."""
+    if not path.is_file():
+        raise BtsError(f"{path} not found: {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BtsError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}): {fix}") from err
+    if not isinstance(data, dict):
+        raise BtsError(f"{path} must hold a JSON object: {fix}")
+    return data
+
+
+def _check_report(report: Mapping[str, Any], path: Path) -> None:
+    """The keys the report needs, checked before anything is drawn."""
+    systems, domains = report.get("systems"), report.get("domains")
+    if not isinstance(systems, dict) or not isinstance(domains, list):
+        raise BtsError(f"{path} needs 'systems' (object) and 'domains' (list): rerun `bts run`")
+    bad = [n for n, s in systems.items() if not isinstance(s, dict)]
+    if bad:
+        raise BtsError(f"{path}: system '{bad[0]}' is not an object: rerun `bts run`")
+
+
+def find_logs(run_dir: Path) -> dict[str, Path]:
+    """Every metrics.jsonl under the run, labelled by its stage folder (e.g. experts/code)."""
+    found = {
+        p.parent.relative_to(run_dir).as_posix(): p
+        for p in Path(run_dir).rglob("metrics.jsonl")
+        if p.parent != Path(run_dir)
+    }
+    return {label: found[label] for label in sorted(found, key=_stage_rank)}
+
+
+def _stage_rank(label: str) -> tuple[int, str]:
+    """Pipeline order for stage labels: seed, experts, stitch, btx, then the rest by name."""
+    order = ("seed", "experts", "stitch", "btx")
+    first = label.split("/")[0]
+    return (order.index(first) if first in order else len(order), label)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temp file and a rename, so a crash never leaves half a report."""
+    tmp = _temp_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_report(run_dir: Path, logs: Mapping[str, Path] | None = None) -> Path:
+    """Write report.md and its PNGs into run_dir; logs default to every metrics.jsonl there."""
+    run_dir = Path(run_dir)
+    report_path = run_dir / "report.json"
+    report = _read_json(report_path, "run `bts report` after `bts run` has evaluated the systems")
+    _check_report(report, report_path)
+    gates_path = run_dir / "gates.json"
+    gates = _read_json(gates_path, "rerun `bts run`") if gates_path.exists() else None
+    logs = find_logs(run_dir) if logs is None else logs
+
+    images: dict[str, str] = {}
+    if ordered_systems(report) and report["domains"]:
+        plot_domain_losses(report, run_dir / IMAGE_FILES["domain_losses"])
+        images["domain_losses"] = IMAGE_FILES["domain_losses"]
+    curves = load_curves(logs)
+    if curves:
+        _plot_curves(curves, run_dir / IMAGE_FILES["training_curves"])
+        images["training_curves"] = IMAGE_FILES["training_curves"]
+    if gates:
+        written = plot_gate_maps(
+            gates, run_dir / IMAGE_FILES["gates_layers"], run_dir / IMAGE_FILES["gates_tokens"]
+        )
+        images |= {k: v for k, v in IMAGE_FILES.items() if run_dir / v in written}
+
+    path = run_dir / "report.md"
+    _write_text(path, render_markdown(report, gates, images))
+    return path

