@@ -202,6 +202,9 @@ def test_pass_at_1_truncates_generations_before_scoring(tokenizer, humaneval):
     assert [s["completion"] for s in result.samples] == [
         p["canonical_solution"] + "\n" for p in humaneval.values()
     ]
+    assert [s["generated"] for s in result.samples] == [
+        p["canonical_solution"] + extra for p in humaneval.values()
+    ]
 
 
 def test_humaneval_loss_counts_exactly_the_solution_tokens(llama, tokenizer, humaneval):

@@ -75,15 +75,17 @@ def test_resume_equals_straight_run(straight, tmp_path):
     assert saved.model_dump() == {**resumed.model_dump(), "seconds": saved.seconds}
 
 
-def test_schedule_is_warmup_then_cosine(straight, tmp_path):
+def test_schedule_is_warmup_then_cosine_and_follows_a_changed_lr(tmp_path):
     train(tiny_llama(), batches(), CFG, tmp_path, stop_after=3)
     lrs = [r["lr"] for r in step_records(tmp_path)]
     assert lrs[:3] == [0.0, CFG.lr / 2, CFG.lr]  # linear warmup over 2 steps from 0
-    progress = 1 / 4  # step 3 of the 4 cosine steps
-    cosine = CFG.min_lr_ratio + (1 - CFG.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    model = tiny_llama()
-    train(model, batches(), CFG, tmp_path, stop_after=4)
-    assert step_records(tmp_path)[3]["lr"] == pytest.approx(CFG.lr * cosine, rel=1e-12)
+    lower = CFG.model_copy(update={"lr": CFG.lr / 10})  # a resume takes the lr given now
+    train(tiny_llama(), batches(), lower, tmp_path)
+    for record in step_records(tmp_path)[3:]:  # cosine over steps 3..5 of 0..5 after warmup
+        progress = (record["step"] - 1 - CFG.warmup_steps) / (CFG.steps - CFG.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        factor = CFG.min_lr_ratio + (1 - CFG.min_lr_ratio) * cosine
+        assert record["lr"] == pytest.approx(lower.lr * factor, rel=1e-12)
 
 
 def test_finished_stage_returns_at_once_with_trained_weights(straight, tmp_path):
@@ -113,6 +115,16 @@ def test_only_trainable_parameters_change(tmp_path):
     state = safetensors.torch.load_file(ckpt / "optimizer.safetensors")
     assert {k.split(".")[0] for k in state} == {str(i) for i in range(len(changed))}
     assert "forward" not in vars(model)  # plain nn.Module again
+
+
+def test_bf16_on_cpu_trains_and_leaves_a_plain_model(tmp_path):
+    model = tiny_llama()
+    before = trainable(model)
+    result = train(model, batches(), TrainConfig(steps=2, mixed_precision="bf16"), tmp_path)
+    assert math.isfinite(result.final_loss)
+    assert "forward" not in vars(model)  # accelerate's autocast wrapper is gone
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not any(torch.equal(before[n], p) for n, p in trainable(model).items())
 
 
 def test_crash_during_save_keeps_previous_checkpoint(straight, tmp_path, monkeypatch):

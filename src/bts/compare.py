@@ -8,9 +8,6 @@ human report (RUN/report.md and PNGs, `bts.report`).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from tqdm.auto import tqdm
 
 from bts.data.sources.math import expected_continuation, format_prompt, math_problems
 from bts.evaluate import EvalLimits, evaluate_models, write_records
+from bts.fileio import write_json
 from bts.models import load_causal_lm
 from bts.report import write_report
 from bts.stages import Run, baselines, make_seed, stitch, train_expert
@@ -129,13 +127,6 @@ def gate_analysis(run: Run, model: StitchedModel) -> dict:
     return out
 
 
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def compare(run: Run) -> Path:
     """Evaluate every system on every task; write report.json, gates.json and the report."""
     held_out = {d: data.held_out.array for d, data in run.corpus.items()}
@@ -158,9 +149,9 @@ def compare(run: Run) -> Path:
             gates = gate_analysis(run, model)
         del model
     write_records(records, run.path("eval.json"))
-    _write_json(run.path("report.json"), report)
+    write_json(run.path("report.json"), report)
     if gates is not None:
-        _write_json(run.path("gates.json"), gates)
+        write_json(run.path("gates.json"), gates)
     return write_report(run.root)
 
 

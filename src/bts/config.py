@@ -85,6 +85,7 @@ class StitchConfig(Strict):
     num_stitches: int = 4
     placement: list[tuple[int, Literal["experts_into_hub", "hub_into_experts"]]] | None = None
     gate_dropout: float = Field(0.1, ge=0, lt=1)
+    scale_gain: float = Field(1.0, gt=0)  # docs/stitching.md
     batch_size: int = 16
     mix: MixConfig = MixConfig()
     train: TrainConfig = TrainConfig(steps=150, lr=3e-3, warmup_steps=10)

@@ -7,10 +7,7 @@ transformers models and ``bts.StitchedModel`` are scored by the same code.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bts.errors import BtsError
+from bts.fileio import write_json
 
 TASKS = ("loss", "math", "humaneval_loss", "humaneval_pass1")
 # The usual Codex/HumanEval stops: the function body ends where top-level code starts.
@@ -352,7 +350,10 @@ def humaneval_pass_at_1(
         max_new_tokens,
         _max_length(model, max_length),
     )
-    return score_completions(selected, [truncate_at_stop(g) for g in generated], timeout)
+    result = score_completions(selected, [truncate_at_stop(g) for g in generated], timeout)
+    for sample, text in zip(result.samples, generated, strict=False):
+        sample["generated"] = text  # before truncation, to see why a completion failed
+    return result
 
 
 # ---------------------------------------------------------------- many models, records
@@ -454,19 +455,7 @@ def evaluate_models(
 
 def write_records(records: list[dict], path: Path) -> None:
     """Write records as JSON atomically: a reader sees the old file or the whole new one."""
-    path = Path(path)
-    text = json.dumps(records, indent=2)  # serialise first: a failure leaves no file behind
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, records)
 
 
 def _column(record: dict) -> str:

@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from bts.errors import BtsError
+from bts.fileio import write_text
 
 EXPERT_PREFIX = "expert:"
 MINUS_PREFIX = "bts-minus:"
@@ -578,16 +579,6 @@ def _stage_rank(label: str) -> tuple[int, str]:
     return (order.index(first) if first in order else len(order), label)
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write through a temp file and a rename, so a crash never leaves half a report."""
-    tmp = _temp_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(run_dir: Path, logs: Mapping[str, Path] | None = None) -> Path:
     """Write report.md and its PNGs into run_dir; logs default to every metrics.jsonl there."""
     run_dir = Path(run_dir)
@@ -613,5 +604,5 @@ def write_report(run_dir: Path, logs: Mapping[str, Path] | None = None) -> Path:
         images |= {k: v for k, v in IMAGE_FILES.items() if run_dir / v in written}
 
     path = run_dir / "report.md"
-    _write_text(path, render_markdown(report, gates, images))
+    write_text(path, render_markdown(report, gates, images))
     return path

@@ -17,9 +17,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,26 +31,13 @@ from bts.data.mixes import MixSampler, mix_weights
 from bts.data.packing import DomainData, build_corpus
 from bts.data.tokenizer import load_tokenizer, train_tokenizer
 from bts.errors import BtsError
+from bts.fileio import atomic_dir
 from bts.models import load_causal_lm
 from bts.stitch import StitchedModel
 from bts.train import RESULT, TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
 STAGE_MARKER = "bts_stage.json"
-
-
-@contextmanager
-def atomic_dir(final: Path):
-    """Yield a temporary sibling directory; rename it to `final` only if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_complete(path: Path) -> bool:
@@ -312,6 +297,7 @@ def stitch(run: Run) -> Path:
         placement=spec.placement,
         num_stitches=spec.num_stitches,
         gate_dropout=spec.gate_dropout,
+        scale_gain=spec.scale_gain,
     )
     model.train_only()
     sampler = stitch_sampler(run, run.config.expert_domains, spec)

@@ -94,11 +94,19 @@ class StitchLayer(nn.Module):
     """One stitch layer: per-expert projections, per-source gates and per-expert scales."""
 
     def __init__(
-        self, kind: StitchKind, width: int, experts: Sequence[str], gate_dropout: float = 0.1
+        self,
+        kind: StitchKind,
+        width: int,
+        experts: Sequence[str],
+        gate_dropout: float = 0.1,
+        scale_gain: float = 1.0,
     ):
         super().__init__()
         self.kind = kind
         self.width = width
+        # a = scale_gain * stored value: with Adam every parameter moves about lr per step, so a
+        # gain lets the scales open within a short stitch budget without raising the lr of P and W
+        self.scale_gain = scale_gain
         self.proj = nn.ModuleDict()
         self.gate = nn.ModuleDict()
         self.scale = nn.ParameterDict()
@@ -148,7 +156,7 @@ class StitchLayer(nn.Module):
         # softmax with priors (1, a_1..a_n): weights exactly (1, 0, ..) at a = 0 (Eq. 3 at a = 1)
         unnormalised = torch.exp(logits - logits.amax(dim=-2, keepdim=True))
         if names:
-            priors = torch.stack([_nonnegative(self.scale[n]) for n in names])
+            priors = torch.stack([_nonnegative(self.scale_gain * self.scale[n]) for n in names])
             priors = torch.cat([torch.ones_like(priors[:1]), priors])
             unnormalised = unnormalised * priors
         gates = unnormalised / unnormalised.sum(dim=-2, keepdim=True)
@@ -163,7 +171,7 @@ class StitchLayer(nn.Module):
             return hub, experts, hub.new_zeros(*hub.shape[:-1], 0, self.width)
         logits = self._gate_logits(hub, names)
         gates = torch.stack(
-            [_nonnegative(self.scale[n], upper=1.0) for n in names]
+            [_nonnegative(self.scale_gain * self.scale[n], upper=1.0) for n in names]
         ) * torch.sigmoid(logits)
         updated = {
             # (1 - s) h_i + s P'_i(h_0), written so that s = 0 returns h_i bit for bit (Eq. 4)
@@ -214,6 +222,7 @@ class StitchedModel(nn.Module):
         experts: dict[str, PreTrainedModel],
         placement: Sequence[StitchPoint],
         gate_dropout: float = 0.1,
+        scale_gain: float = 1.0,
     ):
         super().__init__()
         decoder(hub, "hub")
@@ -221,10 +230,11 @@ class StitchedModel(nn.Module):
         self.experts = nn.ModuleDict()
         self.placement = sorted(placement, key=lambda p: p.after_layer)
         self.gate_dropout = gate_dropout
+        self.scale_gain = scale_gain
         self._check_placement()
         self.stitches = nn.ModuleDict(
             {
-                str(p.after_layer): StitchLayer(p.kind, self.width, [], gate_dropout)
+                str(p.after_layer): StitchLayer(p.kind, self.width, [], gate_dropout, scale_gain)
                 for p in self.placement
             }
         )
@@ -240,6 +250,7 @@ class StitchedModel(nn.Module):
         placement: Sequence[StitchPoint | tuple[int, str]] | None = None,
         num_stitches: int = 4,
         gate_dropout: float = 0.1,
+        scale_gain: float = 1.0,
     ) -> StitchedModel:
         """Stitch loaded causal LMs; `placement` overrides the paper's default of `num_stitches`."""
         if placement is None:
@@ -248,7 +259,7 @@ class StitchedModel(nn.Module):
             points = [
                 p if isinstance(p, StitchPoint) else StitchPoint(int(p[0]), p[1]) for p in placement
             ]
-        return cls(hub, experts, points, gate_dropout)
+        return cls(hub, experts, points, gate_dropout, scale_gain)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> StitchedModel:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bts.errors import BtsError
+from bts.fileio import atomic_dir
 from bts.models import load_causal_lm, weights_sha256
 from bts.stitch import StitchedModel, StitchPoint
 
@@ -53,6 +52,7 @@ def manifest(model: StitchedModel, directory: Path) -> dict:
         "version": 1,
         "placement": [[p.after_layer, p.kind] for p in model.placement],
         "gate_dropout": model.gate_dropout,
+        "scale_gain": model.scale_gain,
         "hub": _entry(model.hub, "the hub", directory),
         "experts": {n: _entry(m, f"expert '{n}'", directory) for n, m in model.experts.items()},
     }
@@ -60,19 +60,11 @@ def manifest(model: StitchedModel, directory: Path) -> dict:
 
 def save_stitched(model: StitchedModel, directory: Path) -> None:
     """Write stitch weights and manifest atomically: a crash leaves no half-written directory."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         info = manifest(model, tmp)
         weights = {k: v.detach().cpu().contiguous() for k, v in model.stitches.state_dict().items()}
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_manifest(directory: Path) -> dict:
@@ -111,7 +103,9 @@ def load_stitched(directory: Path) -> StitchedModel:
         for name, entry in info["experts"].items()
     }
     placement = [StitchPoint(int(a), kind) for a, kind in info["placement"]]
-    model = StitchedModel(hub, experts, placement, gate_dropout=info["gate_dropout"])
+    model = StitchedModel(
+        hub, experts, placement, info["gate_dropout"], info.get("scale_gain", 1.0)
+    )
     try:
         weights = load_file(str(directory / WEIGHTS))
     except (SafetensorError, OSError) as err:

@@ -137,11 +137,13 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _make_accelerator(cfg)
-    was_training = model.training
+    was_training, own_forward = model.training, "forward" in vars(model)
     try:
         return _Run(accelerator, model, batch_fn, cfg, out_dir, name).run(stop_after)
     finally:
-        accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drops autocast patches
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drops the autocast wrapper
+        if not own_forward:  # ... but leaves a bound copy of the class's forward behind
+            vars(model).pop("forward", None)
         model.train(was_training)
 
 
@@ -217,7 +219,7 @@ class _Run:
         else:
             _load_optimizer(self.optimizer, ckpt)
             _load_scheduler(self.scheduler, ckpt, self.cfg.lr)
-            pass
+            _set_rng_state(*_read_rng(ckpt, self.acc.process_index))
         if self.acc.is_main_process:
             _truncate_metrics(self.out_dir / METRICS, self.progress.step)
             (self.out_dir / RESULT).unlink(missing_ok=True)  # the stage is not complete
@@ -322,8 +324,7 @@ class _Run:
         """Checkpoint the run; every rank contributes its RNG state."""
         rng = gather_object([_rng_state()])
         if self.acc.is_main_process:
-            unwrapped = self.acc.unwrap_model(self.wrapped)
-            weights = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+            weights = dict(self.named)  # names of the unwrapped model
             state = {
                 "progress": asdict(self.progress),
                 "world_size": self.acc.num_processes,

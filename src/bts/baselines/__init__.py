@@ -6,10 +6,7 @@ each a `save_pretrained` causal LM with its tokenizer files beside the weights.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
@@ -61,27 +58,3 @@ def _load_config(role: str, path: Path) -> PretrainedConfig:
             "(tokenizer.save_pretrained)"
         )
     return AutoConfig.from_pretrained(path)
-
-
-@contextmanager
-def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty sibling of `out_dir` that replaces `out_dir` only if the block succeeds.
-
-    Readers therefore never see a half-written output, and a failure leaves nothing behind.
-    """
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and not overwrite:
-        raise BtsError(f"{out_dir} already exists: remove it or pass overwrite=True")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / out_dir.name)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

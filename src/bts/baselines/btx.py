@@ -24,8 +24,9 @@ from transformers import (
 )
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
-from bts.baselines import atomic_dir, check_family
+from bts.baselines import check_family
 from bts.errors import BtsError
+from bts.fileio import atomic_dir
 
 SEED_EXPERT = "seed"
 
@@ -60,7 +61,7 @@ class BTXSpec(BaseModel, extra="forbid"):
     """How to build (and, for the training loop, what to train in) the BTX model."""
 
     num_experts_per_tok: int = Field(2, ge=1)  # BTX: top-2 routing
-    include_seed: bool = True  # the seed's FFN joins as a generalist expert (as BTX does)
+    include_seed: bool = True  # the seed's FFN joins as a generalist expert (BTX main setup)
     train_all: bool = True  # BTX fine-tunes every weight; False trains the routers only
     aux_loss_coef: float = Field(0.01, ge=0.0)  # BTX: load-balancing alpha = 0.01
     router_init_std: float = Field(0.02, ge=0.0)  # Mixtral's init; 0 gives all-zero routers

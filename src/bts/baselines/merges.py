@@ -20,8 +20,9 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bts.baselines import atomic_dir, check_family
+from bts.baselines import check_family
 from bts.errors import BtsError
+from bts.fileio import atomic_dir
 
 MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties"]
 _SPARSE = ("ties", "dare_ties")
@@ -34,14 +35,15 @@ class MergeSpec(BaseModel):
 
     method: MergeMethod
     weight: float = 1.0  # every expert's weight (experts are symmetric in this project)
-    density: float = Field(0.5, gt=0.0, le=1.0)  # fraction of each delta kept (ties, dare_ties)
+    # fraction of each delta kept (ties, dare_ties; None = 0.5 for those)
+    density: float | None = Field(None, gt=0.0, le=1.0)
     lambda_: float | None = Field(None, alias="lambda")  # scale of the merged delta; None = 1
     normalize: bool = True  # divide by the sum of (participating) weights
     random_seed: int = 0  # DARE's random drops
 
     @model_validator(mode="after")
     def _only_parameters_the_method_uses(self) -> MergeSpec:
-        if self.method not in _SPARSE and "density" in self.model_fields_set:
+        if self.method not in _SPARSE and self.density is not None:
             raise ValueError(f"density applies to {' and '.join(_SPARSE)}, not {self.method}")
         if self.method == "linear" and self.lambda_ is not None:
             raise ValueError("lambda applies to task-vector methods, not linear")
@@ -97,7 +99,7 @@ def _task_vectors(spec: MergeSpec, seed_dir: Path, expert_dirs: Mapping[str, Pat
     """seed + lambda * combine(weight * (expert - seed)), the seed being mergekit's base model."""
     per_expert = {"weight": spec.weight}
     if spec.method in _SPARSE:
-        per_expert["density"] = spec.density
+        per_expert["density"] = 0.5 if spec.density is None else spec.density
     return {
         "merge_method": spec.method,
         "base_model": str(seed_dir),

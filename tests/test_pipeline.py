@@ -1,0 +1,164 @@
+"""The whole pipeline on configs/smoke.yaml: stages, skipping, add/remove expert, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from bts.cli import app
+from bts.stitch import StitchedModel
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def bts(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+def stage_files(run: Path) -> dict[str, float]:
+    """Every file a stage wrote, with its modification time (the cache and report excluded)."""
+    keep = ("seed", "branches", "experts", "stitched", "baselines", "train", "tokenizer")
+    return {
+        str(p.relative_to(run)): p.stat().st_mtime_ns
+        for p in run.rglob("*")
+        if p.is_file() and p.relative_to(run).parts[0] in keep
+    }
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    result = bts("run", SMOKE, "--out", run)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_run_writes_every_stage_and_a_second_run_skips_them(smoke_run):
+    for part in ("seed", "tokenizer", "stitched", "baselines/btx", "report.md", "report.json"):
+        assert (smoke_run / part).exists(), part
+    experts = yaml.safe_load(SMOKE.read_text())["data"]["domains"]
+    assert sorted(p.name for p in (smoke_run / "experts").iterdir()) == sorted(experts)
+    before = stage_files(smoke_run)
+    result = bts("run", SMOKE, "--out", smoke_run)
+    assert result.exit_code == 0, result.output
+    assert stage_files(smoke_run) == before  # nothing retrained or rewritten
+
+
+def test_report_has_every_system_and_domain_with_finite_values(smoke_run):
+    report = json.loads((smoke_run / "report.json").read_text())
+    domains = report["domains"]
+    expected = {"seed", "bts", "linear", "task_arithmetic", "ties", "dare_ties", "btx"}
+    expected |= {f"expert:{d}" for d in domains} | {f"bts-minus:{d}" for d in domains}
+    assert set(report["systems"]) == expected
+    for name, system in report["systems"].items():
+        assert set(domains) <= set(system["loss"]), name
+        values = list(system["loss"].values()) + list(system["accuracy"].values())
+        assert all(math.isfinite(v) for v in values), name
+        assert system["params_total"] >= system["params_trained"] >= 0
+    bts_entry = report["systems"]["bts"]
+    assert 0 < bts_entry["params_trained"] < bts_entry["params_total"]
+    assert bts_entry["train_tokens"] > 0
+    for png in ("domain_losses.png", "training_curves.png", "gates_layers.png", "gates_tokens.png"):
+        assert (smoke_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merges_equal_what_mergekit_produces(smoke_run, tmp_path):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    experts = sorted((smoke_run / "experts").iterdir())
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str((smoke_run / "seed").resolve()),
+        "models": [{"model": str(p.resolve()), "parameters": {"weight": 1.0}} for p in experts],
+        "parameters": {"lambda": 0.5, "normalize": False},
+        "dtype": "float32",
+    }
+    run_merge(
+        MergeConfiguration.model_validate(config),
+        str(tmp_path / "direct"),
+        options=MergeOptions(device="cpu", write_model_card=False, random_seed=0),
+    )
+    ours = load_file(smoke_run / "baselines" / "task_arithmetic" / "model.safetensors")
+    direct = load_file(tmp_path / "direct" / "model.safetensors")
+    assert ours.keys() == direct.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], direct[key], rtol=0, atol=1e-6)
+
+
+def test_add_then_remove_expert_returns_the_original_logits(smoke_run, tmp_path):
+    stitched = smoke_run / "stitched"
+    without = tmp_path / "without-math"
+    assert bts("remove-expert", stitched, "math", "--out", without).exit_code == 0
+    with_again = tmp_path / "with-math"
+    result = bts(
+        "add-expert",
+        smoke_run,
+        "math",
+        "--expert",
+        smoke_run / "experts" / "math",
+        "--stitched",
+        without,
+        "--out",
+        with_again,
+        "--steps",
+        "3",
+    )
+    assert result.exit_code == 0, result.output
+    removed_again = tmp_path / "removed-again"
+    assert bts("remove-expert", with_again, "math", "--out", removed_again).exit_code == 0
+    assert (stitched / "bts_stitch.json").is_file()  # the originals stay intact
+
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    models = [StitchedModel.from_pretrained(p).eval() for p in (without, with_again, removed_again)]
+    assert models[1].expert_names[-1] == "math"
+    with torch.no_grad():
+        logits = [m(ids).logits for m in models]
+    assert torch.equal(logits[2], logits[0])
+    assert not torch.equal(logits[1], logits[0])  # the added expert was trained and matters
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            "seed_model: {kind: tiny, hidden_sise: 64}\n",
+            "unknown key 'seed_model.tiny.hidden_sise'",
+        ),
+        ("stitch: {batch_size: many}\n", "stitch.batch_size"),
+        ("seed_model: {kind: pretrained, path: /no/such/model}\n", "does not exist"),
+        ("data: [oops\n", "not valid YAML"),
+    ],
+)
+def test_bad_configs_fail_with_one_line_before_any_work(tmp_path, content, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    result = bts("run", config, "--out", tmp_path / "run")
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "smoke.yaml", "smollm2.yaml"])
+def test_shipped_configs_validate_and_their_resolved_form_reloads(name):
+    from bts.config import dump_config, load_config, parse_config
+
+    config = load_config(ROOT / "configs" / name)
+    assert parse_config(yaml.safe_load(dump_config(config))) == config
+
+
+def test_missing_config_and_run_dir_are_clear_errors(tmp_path):
+    result = bts("run", tmp_path / "nope.yaml")
+    assert result.exit_code == 1 and "config file" in result.output
+    result = bts("report", tmp_path)
+    assert result.exit_code == 1 and "not a run directory" in result.output
