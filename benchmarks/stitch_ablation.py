@@ -26,11 +26,13 @@ from bts.stitch import EXPERTS_INTO_HUB, StitchedModel, default_placement
 from bts.train import train
 
 VARIANTS = {
-    "default": {},
-    "gain10": {"scale_gain": 10.0},
-    "gain10-lr1e-2": {"scale_gain": 10.0, "lr": 1e-2},
-    "gain10-3x-steps": {"scale_gain": 10.0, "steps_factor": 3},
-    "gain10-all-e2h": {"scale_gain": 10.0, "all_experts_into_hub": True},
+    "gain1": {"gate_gain": 1.0},
+    "gain10": {"gate_gain": 10.0},
+    "gain30": {"gate_gain": 30.0},
+    "gain10-lr1e-2": {"gate_gain": 10.0, "lr": 1e-2},
+    "gain10-lr1e-3": {"gate_gain": 10.0, "lr": 1e-3},
+    "gain10-3x-steps": {"gate_gain": 10.0, "steps_factor": 3},
+    "gain10-all-e2h": {"gate_gain": 10.0, "all_experts_into_hub": True},
     "paper-init": {"paper_init": True},
 }
 
@@ -41,7 +43,7 @@ def paper_initialisation(model: StitchedModel) -> None:
         for linear in [*stitch.proj.values(), *stitch.gate.values()]:
             linear.reset_parameters()
         for scale in stitch.scale.values():
-            nn.init.constant_(scale, 1.0 / stitch.scale_gain)
+            nn.init.constant_(scale, 1.0 / stitch.gate_gain)
 
 
 def build(run: Run, variant: dict) -> StitchedModel:
@@ -57,7 +59,7 @@ def build(run: Run, variant: dict) -> StitchedModel:
         placement=placement,
         num_stitches=spec.num_stitches,
         gate_dropout=spec.gate_dropout,
-        scale_gain=variant.get("scale_gain", spec.scale_gain),
+        gate_gain=variant.get("gate_gain", spec.gate_gain),
     )
     if variant.get("paper_init"):
         torch.manual_seed(run.config.seed)

@@ -73,6 +73,11 @@ def test_identity_holds_in_training_mode_with_gate_dropout(make_model):
 
 
 def test_stitch_layers_reduce_to_paper_equations_at_unit_scale():
+    """Gates read the RMS-normalised hub state (docs/stitching.md)."""
+
+    def unit(h):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + torch.finfo(h.dtype).eps)
+
     torch.manual_seed(0)
     width, names = 8, ["a", "b"]
     h0, h = torch.randn(2, 5, width), {n: torch.randn(2, 5, width) for n in names}
@@ -85,14 +90,14 @@ def test_stitch_layers_reduce_to_paper_equations_at_unit_scale():
                 layer.scale[n].fill_(1.0)
         hub, experts, _ = layer(h0, h)
         if kind == EXPERTS_INTO_HUB:  # Eq. 3
-            logits = torch.stack([layer.gate[s](h0) for s in ["hub", *names]])
+            logits = torch.stack([layer.gate[s](unit(h0)) for s in ["hub", *names]])
             g = torch.softmax(logits, dim=0)
             want = g[0] * h0 + sum(g[i + 1] * layer.proj[n](h[n]) for i, n in enumerate(names))
             torch.testing.assert_close(hub, want)
             assert all(torch.equal(experts[n], h[n]) for n in names)
         else:  # Eq. 4
             for n in names:
-                s = torch.sigmoid(layer.gate[n](h0))
+                s = torch.sigmoid(layer.gate[n](unit(h0)))
                 torch.testing.assert_close(experts[n], (1 - s) * h[n] + s * layer.proj[n](h0))
             assert torch.equal(hub, h0)
 
@@ -103,6 +108,21 @@ def test_fresh_stitch_layers_leave_every_stream_untouched():
     for kind in (EXPERTS_INTO_HUB, HUB_INTO_EXPERTS):
         hub, experts, _ = StitchLayer(kind, 8, ["a"], gate_dropout=0.0)(h0, h)
         assert torch.equal(hub, h0) and torch.equal(experts["a"], h["a"])
+
+
+def test_softmax_with_priors_is_finite_when_a_closed_source_dominates():
+    """An expert with scale 0 but by far the largest gate logit must not produce 0/0."""
+    torch.manual_seed(0)
+    h0, h = torch.randn(2, 5, 8), {"a": torch.randn(2, 5, 8), "b": torch.randn(2, 5, 8)}
+    layer = StitchLayer(EXPERTS_INTO_HUB, 8, ["a", "b"], gate_dropout=0.0, gate_gain=10.0)
+    with torch.no_grad():
+        layer.gate["hub"].bias.fill_(-50.0)
+        layer.gate["a"].bias.fill_(80.0)  # scale of "a" stays 0: closed
+        layer.scale["b"].fill_(0.05)  # "b" open with prior 0.5
+    hub, _, gates = layer(h0, h)
+    assert torch.isfinite(hub).all() and torch.isfinite(gates).all()
+    assert torch.equal(gates[..., 1, :], torch.zeros_like(gates[..., 1, :]))
+    torch.testing.assert_close(hub, layer.proj["b"](h["b"]))  # the hub's own weight underflows
 
 
 def test_one_step_changes_only_stitch_parameters(make_model, arch):

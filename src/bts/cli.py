@@ -190,9 +190,7 @@ def evaluate(
 @_friendly
 def data_list(config: Config, out: Out = None) -> None:
     """Each configured domain with its source, licence and train/held-out token counts."""
-    from bts.compare import domain_rows
-
-    rows = domain_rows(_open(config, out))
+    rows = [data.summary() for data in _open(config, out).corpus.values()]
     header = f"{'domain':<10} {'train docs':>10} {'held-out docs':>13} {'train tokens':>13} {'held-out tokens':>15}  source (licence)"
     typer.echo(header)
     for r in rows:
@@ -217,5 +215,9 @@ def data_sample(
         typer.echo(f"--- {domain} #{i} ---\n{text[:chars]}\n")
 
 
-def main() -> None:  # pragma: no cover - console entry point
+def main() -> None:
     sys.exit(app())
+
+
+if __name__ == "__main__":  # `accelerate launch -m bts.cli run CONFIG` for multi-process training
+    main()

@@ -98,7 +98,9 @@ def _trained_params(name: str, model, run: Run) -> None:
         from bts.baselines.btx import set_btx_trainable
 
         set_btx_trainable(model, run.config.baselines.btx.train_all)
-    elif name not in ("seed",) and not name.startswith("expert:"):
+    elif name == "seed" and run.config.seed_model.kind == "pretrained":
+        model.requires_grad_(False)  # imported, not trained here
+    elif name != "seed" and not name.startswith("expert:"):
         model.requires_grad_(False)  # merges: nothing trained
 
 
@@ -185,29 +187,3 @@ def evaluate_paths(run_dir: Path, paths: list[Path]) -> list[dict]:
             _limits(run),
         )
     return records
-
-
-def domain_rows(run: Run) -> list[dict]:
-    """`bts data list`: where each domain's text comes from and how many tokens it has."""
-    from bts.data.domains import load_domain
-
-    rows = []
-    for name, data in run.corpus.items():
-        spec = next(
-            s
-            for s in run.config.data.domains
-            if s == name or Path(s).stem == name or Path(s).name == name
-        )
-        domain = load_domain(spec, run.config.data.text_field)
-        rows.append(
-            {
-                "domain": name,
-                "source": domain.source,
-                "licence": domain.licence,
-                "train_docs": data.train_docs,
-                "held_out_docs": data.held_out_docs,
-                "train_tokens": data.train.n_tokens,
-                "held_out_tokens": data.held_out.n_tokens,
-            }
-        )
-    return rows

@@ -69,6 +69,8 @@ class ExpertsConfig(Strict):
     """Continued pretraining of one copy of the seed per domain, independently."""
 
     domains: list[str] | None = None  # default: every data domain
+    # False keeps embeddings, final norm and LM head at the seed's (docs/pipeline.md)
+    train_embeddings: bool = True
     batch_size: int = 16
     train: TrainConfig = TrainConfig(steps=200, lr=1e-3, warmup_steps=10)
 
@@ -85,7 +87,7 @@ class StitchConfig(Strict):
     num_stitches: int = 4
     placement: list[tuple[int, Literal["experts_into_hub", "hub_into_experts"]]] | None = None
     gate_dropout: float = Field(0.1, ge=0, lt=1)
-    scale_gain: float = Field(1.0, gt=0)  # docs/stitching.md
+    gate_gain: float = Field(1.0, gt=0)  # docs/stitching.md
     batch_size: int = 16
     mix: MixConfig = MixConfig()
     train: TrainConfig = TrainConfig(steps=150, lr=3e-3, warmup_steps=10)

@@ -8,6 +8,7 @@ transformers models and ``bts.StitchedModel`` are scored by the same code.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -172,9 +173,11 @@ def _generate(
 
 def _as_token_matrix(sequences: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Validate a [n, seq_len] integer array of token ids and return it as a LongTensor."""
-    tokens = torch.as_tensor(
-        np.asarray(sequences) if isinstance(sequences, np.ndarray) else sequences
-    )
+    with warnings.catch_warnings():  # a read-only memory map is only read here, never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tokens = torch.as_tensor(
+            np.asarray(sequences) if isinstance(sequences, np.ndarray) else sequences
+        )
     if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
         raise BtsError(
             f"held-out sequences have shape {tuple(tokens.shape)}: expected [n>=1, seq_len>=2]"

@@ -28,7 +28,7 @@ def write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,6 +48,7 @@ def atomic_dir(out_dir: Path, overwrite: bool = True) -> Iterator[Path]:
         raise BtsError(f"{out_dir} already exists: remove it or choose another output directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary directory
     try:
         yield tmp
         if out_dir.exists():
@@ -59,3 +60,9 @@ def atomic_dir(out_dir: Path, overwrite: bool = True) -> Iterator[Path]:
             tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

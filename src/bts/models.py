@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -114,6 +115,12 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def freeze_output_space(model: PreTrainedModel) -> None:
+    """Freeze input embeddings, final norm and LM head: the space the hub's head reads."""
+    for module in (model.get_input_embeddings(), model.get_output_embeddings(), model.model.norm):
+        module.requires_grad_(False)
+
+
 def weights_sha256(model: nn.Module) -> str:
     """SHA-256 over every weight (name, dtype, shape, bytes), in name order; tied weights once."""
     digest = hashlib.sha256()
@@ -138,6 +145,6 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> PreTra
         raise BtsError(f"{path} has no config.json: give a directory saved with save_pretrained")
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BtsError(f"cannot load model from {path} ({first}): re-save it") from err

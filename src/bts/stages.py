@@ -23,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from bts.config import RunConfig, StitchConfig, dump_config
@@ -32,12 +33,20 @@ from bts.data.packing import DomainData, build_corpus
 from bts.data.tokenizer import load_tokenizer, train_tokenizer
 from bts.errors import BtsError
 from bts.fileio import atomic_dir
-from bts.models import load_causal_lm
+from bts.models import freeze_output_space, load_causal_lm
 from bts.stitch import StitchedModel
 from bts.train import RESULT, TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
 STAGE_MARKER = "bts_stage.json"
+
+
+def once(fn: Callable, *args, **kwargs) -> None:
+    """Under a multi-process launch only the main process writes an output; the others wait."""
+    state = PartialState()
+    if state.is_main_process:
+        fn(*args, **kwargs)
+    state.wait_for_everyone()
 
 
 def is_complete(path: Path) -> bool:
@@ -138,15 +147,23 @@ def make_tokenizer(run: Run):
     """Byte-level BPE on the train splits of every domain (tiny seed only)."""
     out = run.path("tokenizer")
     if not is_complete(out):
-        data = run.config.data
-        with atomic_dir(out) as tmp:
-            texts = train_texts(data.domains, run.config.seed, data.held_out_fraction)
-            train_tokenizer(texts, data.vocab_size, tmp)
-            _mark(tmp, "tokenizer")
+        once(_write_tokenizer, run, out)
     return load_tokenizer(out)
 
 
+def _write_tokenizer(run: Run, out: Path) -> None:
+    data = run.config.data
+    with atomic_dir(out) as tmp:
+        texts = train_texts(data.domains, run.config.seed, data.held_out_fraction)
+        train_tokenizer(texts, data.vocab_size, tmp)
+        _mark(tmp, "tokenizer")
+
+
 def _save_model(model: PreTrainedModel, tokenizer, out: Path, stage: str, **info) -> None:
+    once(_write_model, model, tokenizer, out, stage, **info)
+
+
+def _write_model(model: PreTrainedModel, tokenizer, out: Path, stage: str, **info) -> None:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -255,11 +272,15 @@ def branch(run: Run) -> dict[str, Path]:
     for domain in run.config.expert_domains:
         target = run.path("branches", domain)
         if not is_complete(target):
-            with atomic_dir(target) as tmp:
-                shutil.copytree(seed, tmp, dirs_exist_ok=True, copy_function=_link_copy)
-                _mark(tmp, "branch", domain=domain)
+            once(_write_branch, seed, target, domain)
         out[domain] = target
     return out
+
+
+def _write_branch(seed: Path, target: Path, domain: str) -> None:
+    with atomic_dir(target) as tmp:
+        shutil.copytree(seed, tmp, dirs_exist_ok=True, copy_function=_link_copy)
+        _mark(tmp, "branch", domain=domain)
 
 
 def train_expert(run: Run, domain: str) -> Path:
@@ -274,6 +295,8 @@ def train_expert(run: Run, domain: str) -> Path:
     start = branch(run)[domain]
     model = load_causal_lm(start)
     spec = run.config.experts
+    if not spec.train_embeddings:
+        freeze_output_space(model)
     sampler = MixSampler.single(domain, run.corpus[domain].train, spec.batch_size, run.config.seed)
     result = run.train(f"experts/{domain}", model, sampler, spec.train)
     _save_model(model, run.tokenizer, out, "expert", domain=domain, tokens=result.tokens)
@@ -297,12 +320,12 @@ def stitch(run: Run) -> Path:
         placement=spec.placement,
         num_stitches=spec.num_stitches,
         gate_dropout=spec.gate_dropout,
-        scale_gain=spec.scale_gain,
+        gate_gain=spec.gate_gain,
     )
     model.train_only()
     sampler = stitch_sampler(run, run.config.expert_domains, spec)
     run.train("stitch", model, sampler, spec.train)
-    model.save_pretrained(out)
+    once(model.save_pretrained, out)
     return out
 
 
@@ -327,7 +350,7 @@ def add_expert(
     cfg = spec.train if steps is None else spec.train.model_copy(update={"steps": steps})
     sampler = stitch_sampler(run, model.expert_names, spec)
     train(model, sampler.batch, cfg, out.parent / f".{out.name}.train", name=f"add-expert {name}")
-    model.save_pretrained(out)
+    once(model.save_pretrained, out)
     shutil.rmtree(out.parent / f".{out.name}.train", ignore_errors=True)
     return out
 
@@ -336,14 +359,13 @@ def remove_expert(stitched: Path, name: str, out: Path) -> Path:
     """Drop an expert and its stitch parameters, no training; the old directory stays intact."""
     model = StitchedModel.from_pretrained(stitched)
     model.remove_expert(name)
-    model.save_pretrained(out)
+    once(model.save_pretrained, out)
     return out
 
 
 def baselines(run: Run) -> dict[str, Path]:
     """Merges (mergekit) and BTX, built from the same seed and experts."""
     from bts.baselines.btx import build_btx, set_btx_trainable
-    from bts.baselines.merges import merge_models
 
     seed = make_seed(run)
     experts = {d: train_expert(run, d) for d in run.config.expert_domains}
@@ -351,8 +373,7 @@ def baselines(run: Run) -> dict[str, Path]:
     for spec in run.config.baselines.merges:
         target = run.path("baselines", spec.method)
         if not is_complete(target):
-            merge_models(spec, seed, experts, target)
-            _mark(target, "merge", method=spec.method)
+            once(_write_merge, spec, seed, experts, target)
         out[spec.method] = target
     btx = run.config.baselines.btx
     if btx is not None:
@@ -369,10 +390,8 @@ def baselines(run: Run) -> dict[str, Path]:
     return out
 
 
-STAGES: dict[str, Callable[[Run], object]] = {
-    "seed": make_seed,
-    "branch": branch,
-    "experts": lambda run: {d: train_expert(run, d) for d in run.config.expert_domains},
-    "stitch": stitch,
-    "baselines": baselines,
-}
+def _write_merge(spec, seed: Path, experts: dict[str, Path], target: Path) -> None:
+    from bts.baselines.merges import merge_models
+
+    merge_models(spec, seed, experts, target, overwrite=True)
+    _mark(target, "merge", method=spec.method)

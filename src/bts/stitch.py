@@ -76,6 +76,14 @@ def _nonnegative(raw: torch.Tensor, upper: float | None = None) -> torch.Tensor:
     return raw + (raw.clamp(0.0, upper) - raw).detach()
 
 
+def _stable_exp(logits: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
+    """exp(logits - m), shifted by the largest prior-weighted logit so that the softmax's
+    denominator is at least 1 (the hub's prior is 1, so m is finite); a source with prior 0 and a
+    huge logit is clamped rather than overflowing to inf * 0 = nan."""
+    shift = (logits + priors.log()).amax(dim=-2, keepdim=True).detach()
+    return torch.exp((logits - shift).clamp(max=60.0))
+
+
 def _identity_linear(width: int) -> nn.Linear:
     layer = nn.Linear(width, width, bias=False)
     with torch.no_grad():
@@ -99,14 +107,15 @@ class StitchLayer(nn.Module):
         width: int,
         experts: Sequence[str],
         gate_dropout: float = 0.1,
-        scale_gain: float = 1.0,
+        gate_gain: float = 1.0,
     ):
         super().__init__()
         self.kind = kind
         self.width = width
-        # a = scale_gain * stored value: with Adam every parameter moves about lr per step, so a
-        # gain lets the scales open within a short stitch budget without raising the lr of P and W
-        self.scale_gain = scale_gain
+        # Gate logits and scales are gate_gain x their stored parameters (all zero at init). Adam
+        # moves every parameter about lr per step, so this is a gate learning rate gate_gain times
+        # the projections': gates can saturate within a short budget while P stays near identity.
+        self.gate_gain = gate_gain
         self.proj = nn.ModuleDict()
         self.gate = nn.ModuleDict()
         self.scale = nn.ParameterDict()
@@ -139,7 +148,9 @@ class StitchLayer(nn.Module):
         """Gate logits of shape [..., len(sources), width], all from the hub's state, one matmul."""
         weight = torch.cat([self.gate[s].weight for s in sources])
         bias = torch.cat([self.gate[s].bias for s in sources])
-        logits = F.linear(hub, weight, bias)
+        # gates read the RMS-normalised hub state, as the hub's own blocks do (pre-norm): the
+        # residual stream's scale grows with depth and would otherwise set the gates' temperature
+        logits = self.gate_gain * F.linear(F.rms_norm(hub, (self.width,)), weight, bias)
         return self.dropout(logits.unflatten(-1, (len(sources), self.width)))
 
     def forward(
@@ -154,11 +165,11 @@ class StitchLayer(nn.Module):
         names = self.experts
         logits = self._gate_logits(hub, [HUB, *names])
         # softmax with priors (1, a_1..a_n): weights exactly (1, 0, ..) at a = 0 (Eq. 3 at a = 1)
-        unnormalised = torch.exp(logits - logits.amax(dim=-2, keepdim=True))
-        if names:
-            priors = torch.stack([_nonnegative(self.scale_gain * self.scale[n]) for n in names])
-            priors = torch.cat([torch.ones_like(priors[:1]), priors])
-            unnormalised = unnormalised * priors
+        priors = torch.stack(
+            [hub.new_ones(self.width)]
+            + [_nonnegative(self.gate_gain * self.scale[n]) for n in names]
+        )
+        unnormalised = priors * _stable_exp(logits, priors)
         gates = unnormalised / unnormalised.sum(dim=-2, keepdim=True)
         mixed = gates[..., 0, :] * hub
         for i, name in enumerate(names, start=1):
@@ -171,7 +182,7 @@ class StitchLayer(nn.Module):
             return hub, experts, hub.new_zeros(*hub.shape[:-1], 0, self.width)
         logits = self._gate_logits(hub, names)
         gates = torch.stack(
-            [_nonnegative(self.scale_gain * self.scale[n], upper=1.0) for n in names]
+            [_nonnegative(self.gate_gain * self.scale[n], upper=1.0) for n in names]
         ) * torch.sigmoid(logits)
         updated = {
             # (1 - s) h_i + s P'_i(h_0), written so that s = 0 returns h_i bit for bit (Eq. 4)
@@ -222,7 +233,7 @@ class StitchedModel(nn.Module):
         experts: dict[str, PreTrainedModel],
         placement: Sequence[StitchPoint],
         gate_dropout: float = 0.1,
-        scale_gain: float = 1.0,
+        gate_gain: float = 1.0,
     ):
         super().__init__()
         decoder(hub, "hub")
@@ -230,11 +241,11 @@ class StitchedModel(nn.Module):
         self.experts = nn.ModuleDict()
         self.placement = sorted(placement, key=lambda p: p.after_layer)
         self.gate_dropout = gate_dropout
-        self.scale_gain = scale_gain
+        self.gate_gain = gate_gain
         self._check_placement()
         self.stitches = nn.ModuleDict(
             {
-                str(p.after_layer): StitchLayer(p.kind, self.width, [], gate_dropout, scale_gain)
+                str(p.after_layer): StitchLayer(p.kind, self.width, [], gate_dropout, gate_gain)
                 for p in self.placement
             }
         )
@@ -250,7 +261,7 @@ class StitchedModel(nn.Module):
         placement: Sequence[StitchPoint | tuple[int, str]] | None = None,
         num_stitches: int = 4,
         gate_dropout: float = 0.1,
-        scale_gain: float = 1.0,
+        gate_gain: float = 1.0,
     ) -> StitchedModel:
         """Stitch loaded causal LMs; `placement` overrides the paper's default of `num_stitches`."""
         if placement is None:
@@ -259,7 +270,7 @@ class StitchedModel(nn.Module):
             points = [
                 p if isinstance(p, StitchPoint) else StitchPoint(int(p[0]), p[1]) for p in placement
             ]
-        return cls(hub, experts, points, gate_dropout, scale_gain)
+        return cls(hub, experts, points, gate_dropout, gate_gain)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> StitchedModel:

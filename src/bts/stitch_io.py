@@ -52,7 +52,7 @@ def manifest(model: StitchedModel, directory: Path) -> dict:
         "version": 1,
         "placement": [[p.after_layer, p.kind] for p in model.placement],
         "gate_dropout": model.gate_dropout,
-        "scale_gain": model.scale_gain,
+        "gate_gain": model.gate_gain,
         "hub": _entry(model.hub, "the hub", directory),
         "experts": {n: _entry(m, f"expert '{n}'", directory) for n, m in model.experts.items()},
     }
@@ -103,9 +103,7 @@ def load_stitched(directory: Path) -> StitchedModel:
         for name, entry in info["experts"].items()
     }
     placement = [StitchPoint(int(a), kind) for a, kind in info["placement"]]
-    model = StitchedModel(
-        hub, experts, placement, info["gate_dropout"], info.get("scale_gain", 1.0)
-    )
+    model = StitchedModel(hub, experts, placement, info["gate_dropout"], info.get("gate_gain", 1.0))
     try:
         weights = load_file(str(directory / WEIGHTS))
     except (SafetensorError, OSError) as err:

@@ -63,6 +63,20 @@ class DomainData:
     held_out: PackedSequences
     train_docs: int
     held_out_docs: int
+    source: str = ""
+    licence: str = ""
+
+    def summary(self) -> dict:
+        """Where the text comes from and how much of it there is (`bts data list`)."""
+        return {
+            "domain": self.name,
+            "source": self.source,
+            "licence": self.licence,
+            "train_docs": self.train_docs,
+            "held_out_docs": self.held_out_docs,
+            "train_tokens": self.train.n_tokens,
+            "held_out_tokens": self.held_out.n_tokens,
+        }
 
 
 def token_dtype(tokenizer: PreTrainedTokenizerBase) -> np.dtype:
@@ -203,6 +217,8 @@ def build_corpus(
             ),
             train_docs=len(train),
             held_out_docs=len(held_out),
+            source=domain.source,
+            licence=domain.licence,
         )
     return corpus
 
@@ -218,21 +234,7 @@ def domain_table(
     corpus = build_corpus(
         list(BUILTIN_DOMAINS), tokenizer, seq_len, cache_dir, seed, held_out_fraction
     )
-    rows = []
-    for name, data in corpus.items():
-        domain = load_domain(name)
-        rows.append(
-            {
-                "domain": name,
-                "source": domain.source,
-                "licence": domain.licence,
-                "train_docs": data.train_docs,
-                "held_out_docs": data.held_out_docs,
-                "train_tokens": data.train.n_tokens,
-                "held_out_tokens": data.held_out.n_tokens,
-            }
-        )
-    return rows
+    return [data.summary() for data in corpus.values()]
 
 
 __all__ = [
