@@ -34,6 +34,14 @@ class DataConfig(Strict):
     cache_dir: Path | None = None  # default: RUN/cache
 
 
+class MixConfig(Strict):
+    """Domain weights for sampling training rows (bts.data.mixes)."""
+
+    kind: Literal["uniform", "proportional", "unimax", "explicit"] = "uniform"
+    weights: dict[str, float] | None = None
+    max_epochs: float = 1.0
+
+
 class TinySeed(Strict):
     """A small Llama-architecture seed pretrained from scratch on the mix of all domains."""
 
@@ -44,7 +52,7 @@ class TinySeed(Strict):
     num_kv_heads: int = 2
     intermediate_size: int = 344
     batch_size: int = 16
-    mix: Literal["uniform", "proportional", "unimax"] = "uniform"
+    mix: MixConfig = MixConfig()
     train: TrainConfig = TrainConfig(steps=600, lr=3e-3, warmup_steps=30, weight_decay=0.1)
 
 
@@ -73,12 +81,6 @@ class ExpertsConfig(Strict):
     train_embeddings: bool = True
     batch_size: int = 16
     train: TrainConfig = TrainConfig(steps=200, lr=1e-3, warmup_steps=10)
-
-
-class MixConfig(Strict):
-    kind: Literal["uniform", "proportional", "unimax", "explicit"] = "uniform"
-    weights: dict[str, float] | None = None
-    max_epochs: float = 1.0
 
 
 class StitchConfig(Strict):

@@ -26,7 +26,7 @@ import torch
 from accelerate import PartialState
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from bts.config import RunConfig, StitchConfig, dump_config
+from bts.config import MixConfig, RunConfig, StitchConfig, dump_config
 from bts.data.domains import train_texts
 from bts.data.mixes import MixSampler, mix_weights
 from bts.data.packing import DomainData, build_corpus
@@ -115,15 +115,11 @@ class Run:
             data.text_field,
         )
 
-    def sampler(self, domains: list[str], mix, batch_size: int, budget_tokens: int) -> MixSampler:
+    def sampler(
+        self, domains: list[str], mix: MixConfig, batch_size: int, budget_tokens: int
+    ) -> MixSampler:
         counts = {d: self.corpus[d].train.n_tokens for d in domains}
-        weights = mix_weights(
-            mix.kind,
-            counts,
-            getattr(mix, "weights", None),
-            budget_tokens,
-            getattr(mix, "max_epochs", 1.0),
-        )
+        weights = mix_weights(mix.kind, counts, mix.weights, budget_tokens, mix.max_epochs)
         return MixSampler(
             {d: self.corpus[d].train for d in domains}, weights, batch_size, self.config.seed
         )
@@ -202,15 +198,10 @@ def make_seed(run: Run) -> Path:
     model = tiny_seed_model(run)
     domains = run.config.data.domains
     budget = _tokens(spec.train, spec.batch_size, run.config.data.seq_len)
-    sampler = run.sampler(domains, _SimpleMix(spec.mix), spec.batch_size, budget)
+    sampler = run.sampler(domains, spec.mix, spec.batch_size, budget)
     result = run.train("seed", model, sampler, spec.train)
     _save_model(model, run.tokenizer, out, "seed", tokens=result.tokens)
     return out
-
-
-@dataclass(frozen=True)
-class _SimpleMix:
-    kind: str
 
 
 def load_pretrained_seed(spec):
