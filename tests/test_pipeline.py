@@ -162,3 +162,25 @@ def test_missing_config_and_run_dir_are_clear_errors(tmp_path):
     assert result.exit_code == 1 and "config file" in result.output
     result = bts("report", tmp_path)
     assert result.exit_code == 1 and "not a run directory" in result.output
+
+
+def test_eval_and_data_commands_on_a_run(smoke_run, tmp_path):
+    out = tmp_path / "eval.json"
+    result = bts("eval", smoke_run, smoke_run / "seed", smoke_run / "stitched", "--out", out)
+    assert result.exit_code == 0, result.output
+    records = json.loads(out.read_text())
+    models = {r["model"] for r in records}
+    assert models == {str(smoke_run / "seed"), str(smoke_run / "stitched")}
+    losses = {(r["model"], r["domain"]): r["loss"] for r in records if r["task"] == "loss"}
+    report = json.loads((smoke_run / "report.json").read_text())
+    for domain in report["domains"]:  # the same numbers as the report's, from the same rows
+        assert losses[(str(smoke_run / "seed"), domain)] == pytest.approx(
+            report["systems"]["seed"]["loss"][domain], abs=1e-9
+        )
+        assert losses[(str(smoke_run / "stitched"), domain)] == pytest.approx(
+            report["systems"]["bts"]["loss"][domain], abs=1e-9
+        )
+    listed = bts("data", "list", SMOKE, "--out", smoke_run)
+    assert listed.exit_code == 0, listed.output
+    for domain in report["domains"]:
+        assert any(line.startswith(domain) for line in listed.output.splitlines())
