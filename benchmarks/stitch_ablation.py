@@ -34,6 +34,8 @@ VARIANTS = {
     "gain10-3x-steps": {"gate_gain": 10.0, "steps_factor": 3},
     "gain10-all-e2h": {"gate_gain": 10.0, "all_experts_into_hub": True},
     "paper-init": {"paper_init": True},
+    "no-dropout": {"gate_dropout": 0.0},
+    "no-dropout-3x-steps": {"gate_dropout": 0.0, "steps_factor": 3},
 }
 
 
@@ -58,7 +60,7 @@ def build(run: Run, variant: dict) -> StitchedModel:
         {d: load_causal_lm(train_expert(run, d)) for d in run.config.expert_domains},
         placement=placement,
         num_stitches=spec.num_stitches,
-        gate_dropout=spec.gate_dropout,
+        gate_dropout=variant.get("gate_dropout", spec.gate_dropout),
         gate_gain=variant.get("gate_gain", spec.gate_gain),
     )
     if variant.get("paper_init"):

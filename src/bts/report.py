@@ -563,9 +563,12 @@ def _check_report(report: Mapping[str, Any], path: Path) -> None:
 
 
 def find_logs(run_dir: Path) -> dict[str, Path]:
-    """Every metrics.jsonl under the run, labelled by its stage folder (e.g. experts/code)."""
+    """Every metrics.jsonl under the run, labelled by its stage folder (e.g. experts/code).
+
+    Stages keep their training state in RUN/train/<stage>/; that common prefix is dropped.
+    """
     found = {
-        p.parent.relative_to(run_dir).as_posix(): p
+        p.parent.relative_to(run_dir).as_posix().removeprefix("train/"): p
         for p in Path(run_dir).rglob("metrics.jsonl")
         if p.parent != Path(run_dir)
     }
