@@ -6,10 +6,11 @@ their hidden states (paper Eq. 3 and 4):
 * experts-into-hub:  h_0 <- sum_i g_i * P_i(h_i),      g = softmax_i(W_gate_i(h_0))  (P_0 = I)
 * hub-into-experts:  h_i <- (1 - s_i) * h_i + s_i * P'_i(h_0),   s_i = sigmoid(W_gate_i(h_0))
 
-Gates are per hidden dimension and computed from the hub's state only. Logits come from the hub's
-final norm and LM head. Only stitch parameters train; hub and experts are frozen.
+Gates are per hidden dimension and computed from the hub's state only (RMS-normalised first: the
+paper states no norm, docs/stitching.md says why). Logits come from the hub's final norm and LM
+head. Only stitch parameters train; hub and experts are frozen.
 
-Our one addition (docs/stitching.md): a per-expert, per-dimension scale a_i >= 0, initialised to 0,
+Our addition for initialisation (docs/stitching.md): a per-expert, per-dimension scale a_i >= 0, initialised to 0,
 that weights expert i inside the softmax (g_i = a_i e^{l_i} / (e^{l_0} + sum_j a_j e^{l_j})) and
 scales the sigmoid gate (s_i = a_i * sigmoid(l_i)). At a = 0 the stitched model is exactly the hub;
 at a = 1 it is exactly the paper's equations; the gradient with respect to a is non-zero at 0, so
