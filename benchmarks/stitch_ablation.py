@@ -16,13 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from bts.evaluate import held_out_loss
 from bts.models import load_causal_lm
 from bts.stages import Run, make_seed, stitch_sampler, train_expert
-from bts.stitch import EXPERTS_INTO_HUB, StitchedModel, default_placement
+from bts.stitch import (
+    EXPERTS_INTO_HUB,
+    StitchedModel,
+    default_placement,
+    random_initialisation,
+)
 from bts.train import train
 
 VARIANTS = {
@@ -37,15 +39,6 @@ VARIANTS = {
     "no-dropout": {"gate_dropout": 0.0},
     "no-dropout-3x-steps": {"gate_dropout": 0.0, "steps_factor": 3},
 }
-
-
-def paper_initialisation(model: StitchedModel) -> None:
-    """nn.Linear's default init for every projection and gate, scales at 1: Eq. 3-4 as written."""
-    for stitch in model.stitches.values():
-        for linear in [*stitch.proj.values(), *stitch.gate.values()]:
-            linear.reset_parameters()
-        for scale in stitch.scale.values():
-            nn.init.constant_(scale, 1.0 / stitch.gate_gain)
 
 
 def build(run: Run, variant: dict) -> StitchedModel:
@@ -64,8 +57,7 @@ def build(run: Run, variant: dict) -> StitchedModel:
         gate_gain=variant.get("gate_gain", spec.gate_gain),
     )
     if variant.get("paper_init"):
-        torch.manual_seed(run.config.seed)
-        paper_initialisation(model)
+        random_initialisation(model, run.config.seed)
     model.train_only()
     return model
 

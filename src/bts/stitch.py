@@ -69,6 +69,22 @@ def default_placement(num_layers: int, num_stitches: int = 4) -> list[StitchPoin
     return [StitchPoint(a, k) for a, k in zip(afters, kinds, strict=True)]
 
 
+def random_initialisation(model: StitchedModel, seed: int = 0) -> None:
+    """The paper's plain init (Eq. 3-4 as written): nn.Linear's default for every projection and
+    gate, scales at 1 (a = 1). The stitched model then no longer starts as the hub; ablations
+    compare it with our identity initialisation (docs/stitching.md)."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for stitch in model.stitches.values():
+            for linear in [*stitch.proj.values(), *stitch.gate.values()]:
+                linear.reset_parameters()
+            for scale in stitch.scale.values():
+                nn.init.constant_(scale, 1.0 / stitch.gate_gain)
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
 def _nonnegative(raw: torch.Tensor, upper: float | None = None) -> torch.Tensor:
     """Clamp to [0, upper] in the forward pass, identity gradient (projected gradient descent).
 
