@@ -184,3 +184,72 @@ def test_eval_and_data_commands_on_a_run(smoke_run, tmp_path):
     assert listed.exit_code == 0, listed.output
     for domain in report["domains"]:
         assert any(line.startswith(domain) for line in listed.output.splitlines())
+
+
+ABLATIONS = ROOT / "configs" / "ablations"
+
+
+def test_every_ablation_overlay_runs_and_joins_the_report(smoke_run):
+    names = sorted(p.stem for p in ABLATIONS.glob("*.yaml"))
+    result = bts("ablate", smoke_run, "--overlays", ABLATIONS)
+    assert result.exit_code == 0, result.output
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert sorted(report["ablations"]) == names
+    for name, entry in report["ablations"].items():
+        assert set(report["domains"]) <= set(entry["loss"]), name
+        assert all(math.isfinite(v) for v in entry["loss"].values()), name
+        assert entry["train_tokens"] == report["systems"]["bts"]["train_tokens"], name
+    text = (smoke_run / "report.md").read_text()
+    assert "## Ablations" in text and all(f"`{n}`" in text for n in names)
+    assert (smoke_run / "ablation_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablation_models_change_what_their_overlay_says(smoke_run):
+    from bts.ablate import load_ablation
+    from bts.models import load_causal_lm, weights_sha256
+    from bts.stages import Run, build_stitched, make_seed, stitch_sampler, train_expert
+    from bts.stitch import EXPERTS_INTO_HUB
+
+    run = Run.load(smoke_run)
+    layers = run.config.seed_model.num_layers
+
+    def built(name):
+        return build_stitched(run, load_ablation(ABLATIONS / f"{name}.yaml", run.config).config)
+
+    assert [p.after_layer for p in built("stitches_1").placement] == [layers - 1]
+    assert len(built("stitches_all").placement) == layers
+    assert {p.kind for p in built("e2h_only").placement} == {EXPERTS_INTO_HUB}
+    hub_math = built("hub_math")
+    assert weights_sha256(hub_math.hub) == weights_sha256(load_causal_lm(train_expert(run, "math")))
+    assert sorted(hub_math.expert_names) == sorted(["seed", "code", "prose", "french"])
+    assert weights_sha256(hub_math.experts["seed"]) == weights_sha256(
+        load_causal_lm(make_seed(run))
+    )
+    general = load_ablation(ABLATIONS / "general_data.yaml", run.config).config
+    assert "prose" not in build_stitched(run, general).expert_names
+    sampler = stitch_sampler(run, general.stitch_domains, general.stitch)
+    probs = dict(zip(sampler.names, sampler.probs, strict=True))
+    assert probs["prose"] == pytest.approx(0.55)  # general data with no expert
+    ids = torch.arange(12)[None] % run.config.data.vocab_size
+    seed_logits = load_causal_lm(make_seed(run))(ids).logits
+    with torch.no_grad():
+        assert torch.equal(built("no_general_data").eval()(ids).logits, seed_logits)
+        assert not torch.allclose(built("random_init").eval()(ids).logits, seed_logits)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("stitch: {num_stitchez: 1}\n", "unknown key 'stitch.num_stitchez'"),
+        ("data: {seq_len: 8}\nstitch: {}\n", "holds `description` and a `stitch` section only"),
+        ("stitch: {hub: klingon}\n", "stitch.hub 'klingon'"),
+        ("stitch: {experts: [klingon]}\n", "are not experts"),
+    ],
+)
+def test_bad_ablation_overlays_are_one_line(smoke_run, tmp_path, content, message):
+    overlay = tmp_path / "bad.yaml"
+    overlay.write_text(content)
+    result = bts("ablate", smoke_run, overlay)
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output

@@ -135,6 +135,31 @@ def report(run_dir: RunDir) -> None:
     _timed("report", compare, Run.load(run_dir))
 
 
+@app.command()
+@_friendly
+def ablate(
+    run_dir: RunDir,
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Overlay names or YAML paths (default: all)")
+    ] = None,
+    overlays: Annotated[Path, typer.Option(help="Folder of ablation overlays")] = Path(
+        "configs/ablations"
+    ),
+    list_only: Annotated[bool, typer.Option("--list", help="Show the overlays and exit")] = False,
+) -> None:
+    """Re-run only the stitch stage under config overlays and add the results to the report."""
+    from bts.ablate import ablate as stage
+    from bts.ablate import describe, overlay_paths
+    from bts.stages import Run
+
+    r = Run.load(run_dir)
+    paths = overlay_paths(names or [], overlays)
+    if list_only:
+        typer.echo(describe(paths, r.config))
+        return
+    _timed("ablate", stage, r, paths)
+
+
 @app.command("add-expert")
 @_friendly
 def add_expert(

@@ -8,6 +8,7 @@ human report (RUN/report.md and PNGs, `bts.report`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bts.data.sources.math import expected_continuation, format_prompt, math_problems
+from bts.errors import BtsError
 from bts.evaluate import EvalLimits, evaluate_models, write_records
 from bts.fileio import write_json
 from bts.models import load_causal_lm
@@ -83,9 +85,32 @@ def _summary(records: list[dict], model, run: Run, stage: str | None) -> dict:
         "accuracy": accuracy,
         "params_total": total,
         "params_trained": trained,
+        "params_active": active_parameters(model),
         "train_tokens": result.tokens if result else 0,
         "train_seconds": result.seconds if result else 0.0,
     }
+
+
+def active_parameters(model: torch.nn.Module) -> int:
+    """Parameters that take part in computing one token (an MoE's unrouted experts do not)."""
+    if isinstance(model, StitchedModel):
+        return _stitched_active(model)
+    own = getattr(model, "active_parameters", None)
+    if callable(own):
+        return int(own())
+    return _counts(model)[0]
+
+
+def _stitched_active(model: StitchedModel) -> int:
+    """Hub, stitches, and each expert's embeddings and the blocks that reach an experts-into-hub
+    stitch (later expert blocks and the experts' heads never run)."""
+    depth = max(p.after_layer for p in model.placement if p.kind == EXPERTS_INTO_HUB) + 1
+    count = sum(p.numel() for p in model.hub.parameters())
+    count += sum(p.numel() for p in model.stitches.parameters())
+    for expert in model.experts.values():
+        count += expert.get_input_embeddings().weight.numel()
+        count += sum(p.numel() for p in expert.model.layers[:depth].parameters())
+    return count
 
 
 def _trained_params(name: str, model, run: Run) -> None:
@@ -129,24 +154,47 @@ def gate_analysis(run: Run, model: StitchedModel) -> dict:
     return out
 
 
+def evaluate_system(
+    run: Run, name: str, model, stage: str | None, tasks: list[str] | None = None
+) -> dict:
+    """Evaluate one system on the run's held-out data and tasks; its report.json entry."""
+    held_out = {d: data.held_out.array for d, data in run.corpus.items()}
+    found = evaluate_models(
+        {name: model},
+        run.tokenizer,
+        held_out,
+        _math_problems(run),
+        tasks or _tasks(run),
+        _limits(run),
+    )
+    return {"records": found, **_summary(found, model, run, stage)}
+
+
+def read_report(run: Run) -> dict:
+    path = run.path("report.json")
+    if not path.is_file():
+        raise BtsError(f"{run.root} has no report.json: run `bts run` (or `bts report`) first")
+    return json.loads(path.read_text())
+
+
 def compare(run: Run) -> Path:
     """Evaluate every system on every task; write report.json, gates.json and the report."""
-    held_out = {d: data.held_out.array for d, data in run.corpus.items()}
-    problems = _math_problems(run)
-    limits, tasks = _limits(run), _tasks(run)
     report: dict = {
         "systems": {},
         "domains": list(run.corpus),
         "config": run.config.model_dump(mode="json"),
     }
+    previous = run.path("report.json")
+    if previous.is_file():  # ablations are added by `bts ablate`; a new report keeps them
+        report["ablations"] = json.loads(previous.read_text()).get("ablations", {})
     records: list[dict] = []
     gates = None
     for name, load, stage in tqdm(list(systems(run)), desc="evaluate", unit="system"):
         model = load()
         _trained_params(name, model, run)
-        found = evaluate_models({name: model}, run.tokenizer, held_out, problems, tasks, limits)
-        records += found
-        report["systems"][name] = _summary(found, model, run, stage)
+        summary = evaluate_system(run, name, model, stage)
+        records += summary.pop("records")
+        report["systems"][name] = summary
         if name == "bts":
             gates = gate_analysis(run, model)
         del model

@@ -84,10 +84,20 @@ class ExpertsConfig(Strict):
 
 
 class StitchConfig(Strict):
-    """Only the stitch layers train, on a small mix of the expert domains."""
+    """Only the stitch layers train, on a small mix of the expert domains.
 
-    num_stitches: int = 4
+    The defaults are the paper's main setup; the other values exist for its ablations
+    (configs/ablations/): fewer or more stitch layers, experts-into-hub only, an expert as the
+    hub, general data in the mix, and the paper's random initialisation.
+    """
+
+    num_stitches: int | Literal["all"] = 4  # "all": one stitch layer after every block
     placement: list[tuple[int, Literal["experts_into_hub", "hub_into_experts"]]] | None = None
+    kinds: Literal["alternating", "experts_into_hub"] = "alternating"
+    hub: str = "seed"  # or an expert domain: that expert is the hub and the seed a spoke
+    experts: list[str] | None = None  # which experts to stitch (default: all of them)
+    domains: list[str] | None = None  # the stitch mix (default: the stitched experts' domains)
+    init: Literal["identity", "random"] = "identity"  # docs/stitching.md
     gate_dropout: float = Field(0.1, ge=0, lt=1)
     gate_gain: float = Field(1.0, gt=0)  # docs/stitching.md
     batch_size: int = 16
@@ -125,11 +135,34 @@ class RunConfig(Strict):
     def expert_domains(self) -> list[str]:
         return self.experts.domains or list(self.data.domains)
 
+    @property
+    def stitched_experts(self) -> list[str]:
+        """Experts the stitch stage joins (the hub, if it is an expert, is not among them)."""
+        chosen = self.stitch.experts or self.expert_domains
+        return [d for d in chosen if d != self.stitch.hub]
+
+    @property
+    def stitch_domains(self) -> list[str]:
+        return self.stitch.domains or self.stitch.experts or self.expert_domains
+
     @pydantic.model_validator(mode="after")
     def _experts_have_data(self):
         unknown = [d for d in self.expert_domains if d not in self.data.domains]
         if unknown:
             raise ValueError(f"experts.domains {unknown} are not in data.domains")
+        stitch = self.stitch
+        if stitch.hub != "seed" and stitch.hub not in self.expert_domains:
+            raise ValueError(
+                f"stitch.hub '{stitch.hub}' is neither 'seed' nor an expert {self.expert_domains}"
+            )
+        unknown = [d for d in stitch.experts or [] if d not in self.expert_domains]
+        if unknown:
+            raise ValueError(f"stitch.experts {unknown} are not experts {self.expert_domains}")
+        unknown = [d for d in stitch.domains or [] if d not in self.data.domains]
+        if unknown:
+            raise ValueError(f"stitch.domains {unknown} are not in data.domains")
+        if not self.stitched_experts and stitch.hub == "seed":
+            raise ValueError("stitch.experts leaves no expert to stitch")
         return self
 
 

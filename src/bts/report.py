@@ -26,6 +26,9 @@ from bts.fileio import write_text
 EXPERT_PREFIX = "expert:"
 MINUS_PREFIX = "bts-minus:"
 MERGES = ("linear", "task_arithmetic", "ties", "dare_ties")
+# the paper's other alternatives, in its Table 3 order (btx is an alias of a btx_* variant)
+OTHERS = ("btm", "expert_routing", "btx_soft", "btx_top1", "btx_top2", "btx", "bam")
+ABLATIONS_PREFIX = "ablations/"
 MAX_TOKENS = 64  # per-token gate plot: wider figures make unreadable labels
 MAX_TOKEN_CHARS = 10
 EMA_SPANS = 30  # a training curve is smoothed by an EMA spanning 1/30 of its points
@@ -35,6 +38,7 @@ IMAGE_FILES = {
     "training_curves": "training_curves.png",
     "gates_layers": "gates_layers.png",
     "gates_tokens": "gates_tokens.png",
+    "ablation_curves": "ablation_curves.png",
 }
 
 # ---------------------------------------------------------------- numbers and ordering
@@ -51,7 +55,11 @@ def average_loss(system: Mapping[str, Any], domains: Sequence[str]) -> float:
 def ordered_systems(report: Mapping[str, Any]) -> list[str]:
     """Main-table systems in reading order: seed, experts, bts, merges, btx, then others."""
     domains = list(report["domains"])
-    names = [n for n in report["systems"] if not n.startswith(MINUS_PREFIX)]
+    names = [
+        n
+        for n, s in report["systems"].items()
+        if not n.startswith(MINUS_PREFIX) and "alias_of" not in s
+    ]
     return sorted(names, key=lambda n: _system_rank(n, domains))
 
 
@@ -66,8 +74,8 @@ def _system_rank(name: str, domains: list[str]) -> tuple[int, int, str]:
         return (2, 0, "")
     if name in MERGES:
         return (3, MERGES.index(name), "")
-    if name == "btx":
-        return (4, 0, "")
+    if name in OTHERS:
+        return (4, OTHERS.index(name), "")
     return (5, 0, name)
 
 
@@ -136,6 +144,7 @@ class _Column:
     value: Callable[[Mapping[str, Any]], float | None]
     fmt: Callable[[float], str]
     better: str | None = None  # "min", "max", or None for columns that are not scores
+    cell: Callable[[Mapping[str, Any]], str] | None = None  # a text cell instead of fmt(value)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text: Sequence[int] = (0,)) -> str:
@@ -147,6 +156,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text: Sequence[
 
 def _column_cells(column: _Column, systems: Sequence[Mapping[str, Any]]) -> list[str]:
     """Formatted cells of one column, the best bolded when at least two systems have a value."""
+    if column.cell is not None:
+        return [column.cell(s) for s in systems]
     values = [column.value(s) for s in systems]
     cells = [DASH if v is None else column.fmt(v) for v in values]
     present = [v for v in values if v is not None]
@@ -179,17 +190,20 @@ def _main_columns(report: Mapping[str, Any], names: Sequence[str]) -> list[_Colu
     columns += [
         _Column("train tokens", field("train_tokens"), _fmt_count),
         _Column("train s", field("train_seconds"), _fmt_seconds),
+        _Column("params total", field("params_total"), _fmt_count),
+        _Column("params trained (share)", field("params_trained"), _fmt_count, None, _trained),
+        _Column("params active / token", field("params_active"), _fmt_count),
     ]
     return columns
 
 
-def _params_cell(system: Mapping[str, Any]) -> str:
-    """'trained / total (share)', the share being what the paper reports as 2.4% for BTS."""
+def _trained(system: Mapping[str, Any]) -> str:
+    """Trained parameters and their share of the total (the paper reports 2.4% for BTS)."""
     trained, total = _number(system.get("params_trained")), _number(system.get("params_total"))
-    if trained is None or total is None:
+    if trained is None:
         return DASH
     share = f" ({100 * trained / total:.2f}%)" if total else ""
-    return f"{_fmt_count(trained)} / {_fmt_count(total)}{share}"
+    return f"{_fmt_count(trained)}{share}"
 
 
 def _results_section(report: Mapping[str, Any]) -> str:
@@ -198,19 +212,68 @@ def _results_section(report: Mapping[str, Any]) -> str:
     systems = [report["systems"][n] for n in names]
     columns = _main_columns(report, names)
     by_column = [_column_cells(c, systems) for c in columns]
-    header = ["system", *[c.title for c in columns], "params trained / total"]
-    rows = [
-        [f"`{name}`", *[cells[i] for cells in by_column], _params_cell(systems[i])]
-        for i, name in enumerate(names)
+    header = ["system", *[c.title for c in columns]]
+    rows = [[f"`{name}`", *[cells[i] for cells in by_column]] for i, name in enumerate(names)]
+    aliases = [
+        f"`{n}` is `{s['alias_of']}`" for n, s in report["systems"].items() if "alias_of" in s
     ]
     return "\n\n".join(
         [
             "## Results",
             "Held-out loss per domain (lower is better, ↓) and task accuracy (higher is "
-            "better, ↑); the best value of each column is in bold.",
+            "better, ↑); the best value of each column is in bold. Parameters: all the "
+            "system holds, those its own stage trained, and those that compute one token."
+            + (f" ({'; '.join(aliases)}.)" if aliases else ""),
             _table(header, rows),
         ]
     )
+
+
+def _ablation_section(report: Mapping[str, Any], images: Mapping[str, str]) -> str:
+    """One row per ablation: losses, average and its change against the run's own `bts`."""
+    ablations = report.get("ablations") or {}
+    if not ablations:
+        return ""
+    domains = list(report["domains"])
+    base = report["systems"].get("bts")
+    base_avg = _number(average_loss(base, domains)) if base else None
+    rows = []
+    if base is not None:
+        rows.append(["`bts` (run config)", "", *_ablation_cells(base, domains), DASH])
+    for name, entry in ablations.items():
+        avg = _number(average_loss(entry, domains))
+        delta = _fmt_delta(avg - base_avg) if avg is not None and base_avg is not None else DASH
+        rows.append(
+            [f"`{name}`", entry.get("description", ""), *_ablation_cells(entry, domains), delta]
+        )
+    header = [
+        "ablation",
+        "what changed",
+        *[f"{d} loss ↓" for d in domains],
+        "avg loss ↓",
+        "train tokens",
+        "Δ avg vs bts",
+    ]
+    parts = [
+        "## Ablations",
+        "Each re-runs only the stitch stage on this run's seed and experts with one change "
+        "(`bts ablate`); same token budget, same evaluation.",
+        _table(header, rows, text=(0, 1)),
+    ]
+    if "ablation_curves" in images:
+        parts.append(f"![ablation training curves]({images['ablation_curves']})")
+    return "\n\n".join(parts)
+
+
+def _ablation_cells(entry: Mapping[str, Any], domains: Sequence[str]) -> list[str]:
+    losses = [_number(entry.get("loss", {}).get(d)) for d in domains]
+    avg = _number(average_loss(entry, domains))
+    tokens = _number(entry.get("train_tokens"))
+    return [
+        *[DASH if v is None else _fmt_loss(v) for v in losses],
+        DASH if avg is None else _fmt_loss(avg),
+        DASH if tokens is None else _fmt_count(tokens),
+    ]
 
 
 def _loss_of(report: Mapping[str, Any], name: str, key: str) -> float | None:
@@ -328,6 +391,7 @@ def render_markdown(
     if "domain_losses" in images:
         parts.append(f"![loss per domain]({images['domain_losses']})")
     parts.append(_removal_section(report))
+    parts.append(_ablation_section(report, images))
     if "training_curves" in images:
         parts += ["## Training", f"![training curves]({images['training_curves']})"]
     if gates:
@@ -577,7 +641,7 @@ def find_logs(run_dir: Path) -> dict[str, Path]:
 
 def _stage_rank(label: str) -> tuple[int, str]:
     """Pipeline order for stage labels: seed, experts, stitch, btx, then the rest by name."""
-    order = ("seed", "experts", "stitch", "btx")
+    order = ("seed", "experts", "stitch", "btx", "ablations")
     first = label.split("/")[0]
     return (order.index(first) if first in order else len(order), label)
 
@@ -597,9 +661,15 @@ def write_report(run_dir: Path, logs: Mapping[str, Path] | None = None) -> Path:
         plot_domain_losses(report, run_dir / IMAGE_FILES["domain_losses"])
         images["domain_losses"] = IMAGE_FILES["domain_losses"]
     curves = load_curves(logs)
-    if curves:
-        _plot_curves(curves, run_dir / IMAGE_FILES["training_curves"])
+    main = {k: c for k, c in curves.items() if not k.startswith(ABLATIONS_PREFIX)}
+    if main:
+        _plot_curves(main, run_dir / IMAGE_FILES["training_curves"])
         images["training_curves"] = IMAGE_FILES["training_curves"]
+    ablation = {k: c for k, c in curves.items() if k.startswith(ABLATIONS_PREFIX)}
+    if ablation:  # each ablation against the run's own stitch stage, at equal tokens
+        base = {"stitch": curves["stitch"]} if "stitch" in curves else {}
+        _plot_curves(base | ablation, run_dir / IMAGE_FILES["ablation_curves"])
+        images["ablation_curves"] = IMAGE_FILES["ablation_curves"]
     if gates:
         written = plot_gate_maps(
             gates, run_dir / IMAGE_FILES["gates_layers"], run_dir / IMAGE_FILES["gates_tokens"]

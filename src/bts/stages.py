@@ -34,7 +34,12 @@ from bts.data.tokenizer import load_tokenizer, train_tokenizer
 from bts.errors import BtsError
 from bts.fileio import atomic_dir
 from bts.models import freeze_output_space, load_causal_lm
-from bts.stitch import StitchedModel
+from bts.stitch import (
+    EXPERTS_INTO_HUB,
+    StitchedModel,
+    default_placement,
+    random_initialisation,
+)
 from bts.train import RESULT, TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -70,7 +75,8 @@ class Run:
         root = Path(root)
         saved = root / "config.yaml"
         text = dump_config(config)
-        if saved.is_file() and saved.read_text() != text:
+        # compared parsed, so a run made before a new option (with its default) still reopens
+        if saved.is_file() and _saved_config(saved) != config:
             raise BtsError(
                 f"{root} holds a run with a different config ({saved}): use another --out "
                 "directory, or delete that one to start over"
@@ -82,12 +88,10 @@ class Run:
 
     @classmethod
     def load(cls, root: Path) -> Run:
-        from bts.config import load_config
-
         saved = Path(root) / "config.yaml"
         if not saved.is_file():
             raise BtsError(f"{root} is not a run directory (no config.yaml): run `bts run` first")
-        return cls(load_config(saved), Path(root))
+        return cls(_saved_config(saved), Path(root))
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -130,6 +134,12 @@ class Run:
     def train_result(self, stage: str) -> TrainResult | None:
         path = self.path("train", stage, RESULT)
         return TrainResult.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def _saved_config(path: Path) -> RunConfig:
+    from bts.config import load_config
+
+    return load_config(path)
 
 
 def _tokens(cfg: TrainConfig, batch_size: int, seq_len: int) -> int:
@@ -300,24 +310,46 @@ def load_models(paths: dict[str, Path]) -> dict[str, PreTrainedModel]:
 
 def stitch(run: Run) -> Path:
     """Freeze seed and experts; train only the stitch layers on a small mix of the domains."""
-    out = run.path("stitched")
+    return train_stitched(run, run.config, run.path("stitched"), "stitch")
+
+
+def train_stitched(run: Run, config: RunConfig, out: Path, stage: str) -> Path:
+    """The stitch stage of `config` (the run's, or an ablation's) on the run's seed and experts."""
     if (out / "bts_stitch.json").is_file():
         return out
-    experts = {d: train_expert(run, d) for d in run.config.expert_domains}
-    spec = run.config.stitch
+    model = build_stitched(run, config)
+    model.train_only()
+    sampler = stitch_sampler(run, config.stitch_domains, config.stitch)
+    run.train(stage, model, sampler, config.stitch.train)
+    once(model.save_pretrained, out)
+    return out
+
+
+def build_stitched(run: Run, config: RunConfig) -> StitchedModel:
+    """Hub and spokes as `config.stitch` names them, stitch layers freshly initialised."""
+    spec = config.stitch
+    spokes = {d: train_expert(run, d) for d in config.stitched_experts}
+    if spec.hub == "seed":
+        hub = make_seed(run)
+    else:  # an expert as the hub (paper ablation): the seed becomes one of the spokes
+        hub, spokes = train_expert(run, spec.hub), {"seed": make_seed(run), **spokes}
+    hub_model = load_causal_lm(hub)
+    layers = hub_model.config.num_hidden_layers
+    count = layers if spec.num_stitches == "all" else spec.num_stitches
+    placement = spec.placement
+    if placement is None and spec.kinds == EXPERTS_INTO_HUB:
+        placement = [(p.after_layer, EXPERTS_INTO_HUB) for p in default_placement(layers, count)]
     model = StitchedModel.from_models(
-        load_causal_lm(make_seed(run)),
-        load_models(experts),
-        placement=spec.placement,
-        num_stitches=spec.num_stitches,
+        hub_model,
+        load_models(spokes),
+        placement=placement,
+        num_stitches=count,
         gate_dropout=spec.gate_dropout,
         gate_gain=spec.gate_gain,
     )
-    model.train_only()
-    sampler = stitch_sampler(run, run.config.expert_domains, spec)
-    run.train("stitch", model, sampler, spec.train)
-    once(model.save_pretrained, out)
-    return out
+    if spec.init == "random":
+        random_initialisation(model, config.seed)
+    return model
 
 
 def stitch_sampler(run: Run, domains: list[str], spec: StitchConfig) -> MixSampler:
@@ -374,7 +406,7 @@ def baselines(run: Run) -> dict[str, Path]:
             set_btx_trainable(model, btx.train_all)
             stitch_spec = run.config.stitch
             cfg = run.config.baselines.btx_train or stitch_spec.train
-            sampler = stitch_sampler(run, run.config.expert_domains, stitch_spec)
+            sampler = stitch_sampler(run, run.config.stitch_domains, stitch_spec)
             result = run.train("btx", model, sampler, cfg)
             _save_model(model, run.tokenizer, target, "btx", tokens=result.tokens)
         out["btx"] = target

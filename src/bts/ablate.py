@@ -1,0 +1,115 @@
+"""Ablations of BTS itself: re-run only the stitch stage of a finished run under a config overlay.
+
+An overlay is a YAML file (configs/ablations/<name>.yaml) with a `description` and a `stitch`
+section that is merged key by key over the run's own stitch config; the seed and the experts
+are the run's, so each ablation changes exactly one thing. Results join the run's report:
+`report.json["ablations"][name]` and an ablations table in report.md.
+
+    RUN/ablations/<name>/stitched/   the ablated stitched model
+    RUN/train/ablations/<name>/      its training checkpoint and metrics (the curves)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from bts.config import RunConfig, parse_config
+from bts.errors import BtsError
+from bts.fileio import write_json
+from bts.stages import Run, once, train_stitched
+from bts.stitch import StitchedModel
+
+DEFAULT_DIR = Path("configs/ablations")
+OVERLAY_KEYS = {"description", "stitch"}
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    description: str
+    overlay: dict[str, Any]
+    config: RunConfig
+
+
+def overlay_paths(names: list[str], directory: Path = DEFAULT_DIR) -> list[Path]:
+    """Names resolve to DIR/<name>.yaml (a path to a YAML file is taken as is); none: all in DIR."""
+    if not names:
+        found = sorted(Path(directory).glob("*.yaml"))
+        if not found:
+            raise BtsError(f"no ablation overlays in {directory}: pass --overlays DIR")
+        return found
+    paths = []
+    for name in names:
+        path = Path(name) if name.endswith((".yaml", ".yml")) else Path(directory) / f"{name}.yaml"
+        if not path.is_file():
+            raise BtsError(
+                f"ablation overlay {path} not found: see {directory} for the shipped ones"
+            )
+        paths.append(path)
+    return paths
+
+
+def load_ablation(path: Path, base: RunConfig) -> Ablation:
+    """Merge an overlay over the run's config and validate the result like any run config."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise BtsError(
+            f"{path} is not valid YAML ({err.__class__.__name__}): fix its syntax"
+        ) from err
+    if not isinstance(data, dict) or not set(data) <= OVERLAY_KEYS or "stitch" not in data:
+        raise BtsError(
+            f"{path}: an ablation overlay holds `description` and a `stitch` section only "
+            "(it re-runs the stitch stage on the run's seed and experts)"
+        )
+    merged = base.model_dump(mode="json")
+    merged["stitch"] = _merge(merged["stitch"], data["stitch"] or {})
+    config = parse_config(merged, str(path))
+    return Ablation(Path(path).stem, str(data.get("description", "")), data["stitch"], config)
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "weights":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def ablate(run: Run, paths: list[Path]) -> Path:
+    """Train and evaluate each ablation, add it to report.json, and re-render the report."""
+    from bts.compare import evaluate_system, read_report
+
+    ablations = [load_ablation(p, run.config) for p in paths]  # all validated before any work
+    report = read_report(run)
+    results = dict(report.get("ablations", {}))
+    for ab in tqdm(ablations, desc="ablate", unit="ablation"):
+        stage = f"ablations/{ab.name}"
+        stitched = train_stitched(run, ab.config, run.path("ablations", ab.name, "stitched"), stage)
+        model = StitchedModel.from_pretrained(stitched)
+        model.train_only()
+        summary = evaluate_system(run, ab.name, model, stage, tasks=["loss", "humaneval_loss"])
+        results[ab.name] = {"description": ab.description, "overlay": ab.overlay, **summary}
+        del model
+    report["ablations"] = results
+    once(write_json, run.path("report.json"), report)
+    from bts.report import write_report
+
+    return write_report(run.root)
+
+
+def describe(paths: list[Path], base: RunConfig) -> str:
+    """One line per overlay (for `bts ablate --list`)."""
+    lines = []
+    for path in paths:
+        ab = load_ablation(path, base)
+        lines.append(f"{ab.name:<20} {ab.description}  {json.dumps(ab.overlay)}")
+    return "\n".join(lines)
