@@ -43,7 +43,7 @@ def smoke_run(tmp_path_factory) -> Path:
 
 
 def test_run_writes_every_stage_and_a_second_run_skips_them(smoke_run):
-    for part in ("seed", "tokenizer", "stitched", "baselines/btx", "report.md", "report.json"):
+    for part in ("seed", "tokenizer", "stitched", "baselines/btx_top2", "baselines/bam"):
         assert (smoke_run / part).exists(), part
     experts = yaml.safe_load(SMOKE.read_text())["data"]["domains"]
     assert sorted(p.name for p in (smoke_run / "experts").iterdir()) == sorted(experts)
@@ -56,7 +56,8 @@ def test_run_writes_every_stage_and_a_second_run_skips_them(smoke_run):
 def test_report_has_every_system_and_domain_with_finite_values(smoke_run):
     report = json.loads((smoke_run / "report.json").read_text())
     domains = report["domains"]
-    expected = {"seed", "bts", "linear", "task_arithmetic", "ties", "dare_ties", "btx"}
+    expected = {"seed", "bts", "linear", "task_arithmetic", "ties", "dare_ties", "btm"}
+    expected |= {"expert_routing", "btx_soft", "btx_top1", "btx_top2", "btx", "bam"}
     expected |= {f"expert:{d}" for d in domains} | {f"bts-minus:{d}" for d in domains}
     assert set(report["systems"]) == expected
     for name, system in report["systems"].items():
@@ -67,6 +68,22 @@ def test_report_has_every_system_and_domain_with_finite_values(smoke_run):
     bts_entry = report["systems"]["bts"]
     assert 0 < bts_entry["params_trained"] < bts_entry["params_total"]
     assert bts_entry["train_tokens"] > 0
+    trained = ("expert_routing", "btx_soft", "btx_top1", "btx_top2", "bam")
+    for name in trained:  # the same mix and the same number of tokens as the stitch stage
+        assert report["systems"][name]["train_tokens"] == bts_entry["train_tokens"], name
+    systems = report["systems"]
+    assert systems["btx"]["alias_of"] == "btx_top2"
+    assert systems["btx"]["loss"] == systems["btx_top2"]["loss"]
+    active = {n: s["params_active"] for n, s in systems.items()}
+    assert (
+        active["btx_top1"]
+        < active["btx_top2"]
+        < active["btx_soft"]
+        == systems["btx_soft"]["params_total"]
+    )
+    assert active["btm"] == systems["btm"]["params_total"]
+    assert active["expert_routing"] < systems["expert_routing"]["params_total"]
+    assert 0 < systems["expert_routing"]["params_trained"] < active["expert_routing"]
     for png in ("domain_losses.png", "training_curves.png", "gates_layers.png", "gates_tokens.png"):
         assert (smoke_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,7 +1,8 @@
 """The comparison: every system of a run evaluated on the same data, gate analysis, the report.
 
-Systems: `seed`, `expert:<d>`, `bts`, the merges, `btx`, and `bts-minus:<d>` (the stitched model
-with expert d removed, no retraining). One system is loaded at a time so memory stays at one
+Systems: `seed`, `expert:<d>`, `bts`, the merges, `btm`, `expert_routing`, the `btx_*` variants
+(`btx` names the config's default one), `bam`, and `bts-minus:<d>` (the stitched model with
+expert d removed, no retraining). One system is loaded at a time so memory stays at one
 stitched model. Writes RUN/eval.json (records), RUN/report.json, RUN/gates.json, then the
 human report (RUN/report.md and PNGs, `bts.report`).
 """
@@ -35,11 +36,41 @@ def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None]]:
     for d in domains:
         yield f"expert:{d}", lambda d=d: load_causal_lm(train_expert(run, d)), f"experts/{d}"
     yield "bts", lambda: StitchedModel.from_pretrained(stitch(run)), "stitch"
-    for name, path in baselines(run).items():
-        yield name, lambda p=path: load_causal_lm(p), ("btx" if name == "btx" else None)
+    built = baselines(run)
+    if run.config.baselines.btm:
+        yield "btm", lambda: _btm(run), None
+    for name, path in built.items():
+        yield name, lambda n=name, p=path: _load_baseline(n, p), _baseline_stage(run, name)
     if len(domains) > 1:
         for d in domains:
             yield f"bts-minus:{d}", lambda d=d: _without(stitch(run), d), None
+
+
+def _baseline_stage(run: Run, name: str) -> str | None:
+    """Trained baselines keep their training state under RUN/train/<name>."""
+    return name if run.path("train", name).is_dir() else None
+
+
+def _load_baseline(name: str, path: Path) -> torch.nn.Module:
+    if name == "expert_routing":
+        from bts.baselines.routing import load_routing
+
+        return load_routing(path)
+    if name == "bam":
+        from bts.baselines.bam import load_bam
+
+        return load_bam(path)
+    if name.startswith("btx_"):
+        from bts.baselines.btx import load_btx
+
+        return load_btx(path)
+    return load_causal_lm(path)
+
+
+def _btm(run: Run) -> torch.nn.Module:
+    from bts.baselines.btm import load_btm
+
+    return load_btm(make_seed(run), {d: train_expert(run, d) for d in run.config.expert_domains})
 
 
 def _without(path: Path, expert: str) -> StitchedModel:
@@ -98,6 +129,11 @@ def active_parameters(model: torch.nn.Module) -> int:
     own = getattr(model, "active_parameters", None)
     if callable(own):
         return int(own())
+    from bts.baselines.btx import BTXForCausalLM
+    from bts.baselines.btx import active_parameters as moe_active
+
+    if isinstance(model, BTXForCausalLM):  # BAM included: it is a BTX subclass
+        return moe_active(model)
     return _counts(model)[0]
 
 
@@ -115,18 +151,24 @@ def _stitched_active(model: StitchedModel) -> int:
 
 def _trained_params(name: str, model, run: Run) -> None:
     """Constituents are loaded frozen or not; mark what the system's own stage trained."""
+    spec = run.config.baselines
     if name == "bts":
         model.train_only()
-    elif name.startswith("bts-minus"):
-        model.requires_grad_(False)
-    elif name == "btx":
+    elif name.startswith("btx_"):
         from bts.baselines.btx import set_btx_trainable
 
-        set_btx_trainable(model, run.config.baselines.btx.train_all)
+        set_btx_trainable(model, spec.btx.train_all)
+    elif name == "bam":
+        from bts.baselines.bam import set_bam_trainable
+
+        set_bam_trainable(model, spec.bam.train_all)
+    elif name == "expert_routing":
+        model.requires_grad_(False)
+        model.router.requires_grad_(True)
     elif name == "seed" and run.config.seed_model.kind == "pretrained":
         model.requires_grad_(False)  # imported, not trained here
     elif name != "seed" and not name.startswith("expert:"):
-        model.requires_grad_(False)  # merges: nothing trained
+        model.requires_grad_(False)  # merges, btm, bts-minus: nothing trained
 
 
 def gate_analysis(run: Run, model: StitchedModel) -> dict:
@@ -198,6 +240,10 @@ def compare(run: Run) -> Path:
         if name == "bts":
             gates = gate_analysis(run, model)
         del model
+    default_btx = run.config.baselines.btx
+    if default_btx is not None and f"btx_{default_btx.routing}" in report["systems"]:
+        alias = f"btx_{default_btx.routing}"  # `btx` is the config's default variant
+        report["systems"]["btx"] = {"alias_of": alias, **report["systems"][alias]}
     write_records(records, run.path("eval.json"))
     write_json(run.path("report.json"), report)
     if gates is not None:

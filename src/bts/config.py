@@ -13,8 +13,10 @@ import pydantic
 import yaml
 from pydantic import BaseModel, Field
 
+from bts.baselines.bam import BAMSpec
 from bts.baselines.btx import BTXSpec
 from bts.baselines.merges import DEFAULT_MERGES, MergeSpec
+from bts.baselines.routing import RoutingSpec
 from bts.errors import BtsError
 from bts.train import TrainConfig
 
@@ -106,9 +108,18 @@ class StitchConfig(Strict):
 
 
 class BaselinesConfig(Strict):
+    """The alternatives BTS is compared with, all from the same seed and experts (docs/)."""
+
     merges: list[MergeSpec] = Field(default_factory=lambda: list(DEFAULT_MERGES))
-    btx: BTXSpec | None = BTXSpec()
+    btx: BTXSpec | None = BTXSpec()  # its routing is the default variant, reported as `btx`
+    btx_variants: list[Literal["soft", "top1", "top2"]] = ["soft", "top1", "top2"]
     btx_train: TrainConfig | None = None  # default: the stitch stage's schedule (same tokens)
+    btm: bool = True  # output ensemble, nothing to train
+    expert_routing: RoutingSpec | None = RoutingSpec()
+    # default: the stitch schedule at lr 1e-2 (the router reads RMS-normalised embeddings)
+    routing_train: TrainConfig | None = None
+    bam: BAMSpec | None = BAMSpec()
+    bam_train: TrainConfig | None = None  # default: the stitch stage's schedule
 
 
 class EvalConfig(Strict):

@@ -386,31 +386,81 @@ def remove_expert(stitched: Path, name: str, out: Path) -> Path:
     return out
 
 
-def baselines(run: Run) -> dict[str, Path]:
-    """Merges (mergekit) and BTX, built from the same seed and experts."""
-    from bts.baselines.btx import build_btx, set_btx_trainable
+ROUTING_LR = 1e-2
 
+
+def baselines(run: Run) -> dict[str, Path]:
+    """Merges (mergekit), BTX variants, expert routing and BAM, from the same seed and experts.
+
+    Trained ones get the stitch stage's mix and number of tokens. BTM (an output ensemble) has
+    nothing to build; `bts.compare` assembles it from the seed and experts.
+    """
     seed = make_seed(run)
     experts = {d: train_expert(run, d) for d in run.config.expert_domains}
+    spec = run.config.baselines
     out: dict[str, Path] = {}
-    for spec in run.config.baselines.merges:
-        target = run.path("baselines", spec.method)
+    for merge in spec.merges:
+        target = run.path("baselines", merge.method)
         if not is_complete(target):
-            once(_write_merge, spec, seed, experts, target)
-        out[spec.method] = target
-    btx = run.config.baselines.btx
-    if btx is not None:
-        target = run.path("baselines", "btx")
-        if not is_complete(target):
-            model = build_btx(btx, seed, experts)
-            set_btx_trainable(model, btx.train_all)
-            stitch_spec = run.config.stitch
-            cfg = run.config.baselines.btx_train or stitch_spec.train
-            sampler = stitch_sampler(run, run.config.stitch_domains, stitch_spec)
-            result = run.train("btx", model, sampler, cfg)
-            _save_model(model, run.tokenizer, target, "btx", tokens=result.tokens)
-        out["btx"] = target
+            once(_write_merge, merge, seed, experts, target)
+        out[merge.method] = target
+    if spec.btx is not None:
+        for routing in spec.btx_variants:
+            name = f"btx_{routing}"
+            variant = spec.btx.model_copy(update={"routing": routing})
+            out[name] = _train_btx(run, name, variant, seed, experts)
+    if spec.expert_routing is not None:
+        out["expert_routing"] = _train_routing(run, seed, experts)
+    if spec.bam is not None:
+        out["bam"] = _train_bam(run, seed, experts)
     return out
+
+
+def _stitch_budget(
+    run: Run, override: TrainConfig | None, **changes
+) -> tuple[MixSampler, TrainConfig]:
+    """The stitch stage's sampler and schedule (same mix, same tokens) for a trained baseline."""
+    stitch_spec = run.config.stitch
+    cfg = override or stitch_spec.train.model_copy(update=changes)
+    return stitch_sampler(run, run.config.stitch_domains, stitch_spec), cfg
+
+
+def _train_btx(run: Run, name: str, spec, seed: Path, experts: dict[str, Path]) -> Path:
+    from bts.baselines.btx import build_btx, set_btx_trainable
+
+    target = run.path("baselines", name)
+    if not is_complete(target):
+        model = build_btx(spec, seed, experts)
+        set_btx_trainable(model, spec.train_all)
+        sampler, cfg = _stitch_budget(run, run.config.baselines.btx_train)
+        result = run.train(name, model, sampler, cfg)
+        _save_model(model, run.tokenizer, target, name, tokens=result.tokens)
+    return target
+
+
+def _train_bam(run: Run, seed: Path, experts: dict[str, Path]) -> Path:
+    from bts.baselines.bam import build_bam, set_bam_trainable
+
+    target, spec = run.path("baselines", "bam"), run.config.baselines.bam
+    if not is_complete(target):
+        model = build_bam(spec, seed, experts)
+        set_bam_trainable(model, spec.train_all)
+        sampler, cfg = _stitch_budget(run, run.config.baselines.bam_train)
+        result = run.train("bam", model, sampler, cfg)
+        _save_model(model, run.tokenizer, target, "bam", tokens=result.tokens)
+    return target
+
+
+def _train_routing(run: Run, seed: Path, experts: dict[str, Path]) -> Path:
+    from bts.baselines.routing import build_routing, save_routing
+
+    target = run.path("baselines", "expert_routing")
+    if not (target / "bts_routing.json").is_file():
+        trainer = build_routing(run.config.baselines.expert_routing, seed, experts)
+        sampler, cfg = _stitch_budget(run, run.config.baselines.routing_train, lr=ROUTING_LR)
+        run.train("expert_routing", trainer, sampler, cfg)
+        once(save_routing, trainer, target)
+    return target
 
 
 def _write_merge(spec, seed: Path, experts: dict[str, Path], target: Path) -> None:

@@ -1,6 +1,8 @@
-"""Baselines BTS is compared against: weight merges (`merges`) and Branch-Train-MiX (`btx`).
+"""Baselines BTS is compared against, the paper's whole table: weight merges (`merges`), the
+BTM output ensemble (`btm`), whole-model expert routing (`routing`), Branch-Train-MiX with soft,
+sampled top-1 and top-2 routing (`btx`) and Branch-Attend-Mix (`bam`).
 
-Both take the same inputs as stitching: a seed directory and expert directories branched from it,
+All take the same inputs as stitching: a seed directory and expert directories branched from it,
 each a `save_pretrained` causal LM with its tokenizer files beside the weights.
 """
 

@@ -1,20 +1,28 @@
 """Branch-Train-MiX (arXiv 2403.07816): upcycle a seed and its experts into one Mixtral MoE.
 
 Per transformer block, each constituent's feed-forward block (gate/up/down projections) becomes
-one expert of a top-k routed MoE layer; every other weight (embeddings, attention, norms, LM
-head) is the mean over the constituents. The result is a `MixtralForCausalLM` (saved as a plain
-Mixtral checkpoint), so the project's training loop fine-tunes it like any causal LM; in training
-mode its `.loss` includes the router's load-balancing loss (alpha = `aux_loss_coef`). See
-docs/btx.md for the choices made here.
+one expert of a routed MoE layer; every other weight (embeddings, attention, norms, LM head) is
+the mean over the constituents. The result is a `MixtralForCausalLM` (saved as a plain Mixtral
+checkpoint), so the project's training loop fine-tunes it like any causal LM; in training mode
+its `.loss` includes the router's load-balancing loss (alpha = `aux_loss_coef`).
+
+Routing variants (`BTXSpec.routing`, stored as `config.btx_routing`): `top2` (the BTX paper:
+top-k, k = `num_experts_per_tok`, with the load-balancing loss), `soft` (every expert, weighted
+by the router's softmax; the BTS paper's BTX-soft) and `top1` (one expert per token, sampled by
+Gumbel-softmax with a straight-through gradient in training, the argmax in evaluation; the BTS
+paper's BTX-sample). See docs/btx.md for the choices made here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+import torch.nn.functional as F
+from pydantic import BaseModel, Field, model_validator
+from torch import nn
 from transformers import (
     AutoTokenizer,
     LlamaConfig,
@@ -29,48 +37,149 @@ from bts.errors import BtsError
 from bts.fileio import atomic_dir
 
 SEED_EXPERT = "seed"
+Routing = Literal["top2", "soft", "top1"]
+
+
+class SoftRouter(MixtralTopKRouter):
+    """Every expert on every token, weighted by the router's softmax (no top-k, no renormalising).
+
+    Returns all expert indices, so Mixtral's experts run densely: soft routing costs all experts.
+    """
+
+    def forward(self, hidden_states: torch.Tensor):
+        logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+        probs = torch.softmax(logits.float(), dim=-1)
+        indices = torch.arange(self.num_experts, device=logits.device).expand(len(logits), -1)
+        return logits, probs, indices
+
+
+class GumbelTop1Router(MixtralTopKRouter):
+    """One expert per token: a Gumbel-softmax sample in training, the argmax in evaluation.
+
+    Training uses the straight-through estimator restricted to the chosen expert: its weight is
+    exactly 1 in the forward pass (the hard one-hot sample) while the gradient flows through its
+    soft Gumbel probability, hence to every router logit. The full estimator would also need the
+    other experts' outputs, i.e. running all of them; we keep the compute of one expert.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.temperature = float(getattr(config, "btx_gumbel_temperature", 1.0))
+
+    def forward(self, hidden_states: torch.Tensor):
+        logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+        if not self.training:
+            index = logits.argmax(dim=-1, keepdim=True)
+            return logits, torch.ones(index.shape, device=logits.device), index
+        noise = torch.empty_like(logits, dtype=torch.float32).exponential_()
+        gumbel = -noise.clamp_min(torch.finfo(torch.float32).tiny).log()  # a 0 draw would give inf
+        soft = torch.softmax((logits.float() + gumbel) / self.temperature, dim=-1)
+        index = soft.argmax(dim=-1, keepdim=True)  # a sample from softmax(logits), any temperature
+        chosen = soft.gather(-1, index)
+        return logits, 1.0 + (chosen - chosen.detach()), index  # value exactly 1, soft gradient
+
+
+ROUTERS: dict[str, type[MixtralTopKRouter]] = {
+    "top2": MixtralTopKRouter,
+    "soft": SoftRouter,
+    "top1": GumbelTop1Router,
+}
+
+
+def install_routers(model: MixtralForCausalLM) -> None:
+    """Give every block the router class of `config.btx_routing`, keeping the router weights."""
+    router_class = ROUTERS[routing_of(model.config)]
+    for layer in model.model.layers:
+        old = layer.mlp.gate
+        if type(old) is not router_class:
+            new = router_class(model.config)
+            new.weight = old.weight  # already initialised (or about to be loaded) by transformers
+            layer.mlp.gate = new
+
+
+def routing_of(config) -> str:
+    """The routing variant a config asks for; checkpoints from before variants are top-k."""
+    routing = getattr(config, "btx_routing", "top2")
+    if routing not in ROUTERS:
+        raise BtsError(f"unknown btx_routing {routing!r} in the config: use one of {list(ROUTERS)}")
+    return routing
 
 
 class BTXForCausalLM(MixtralForCausalLM):
-    """Mixtral whose router logits, hence the load-balancing loss, are on exactly in training mode.
+    """Mixtral with the routing variant of `config.btx_routing`, whose router logits, hence the
+    load-balancing loss, are on exactly in training mode (and never for soft routing).
 
     Off in eval mode because transformers 5.23's Mixtral cannot generate with an attention mask
     while router logits are on (cached steps route only the new tokens but the mask spans the
     whole sequence: transformers issue #30731), and an evaluation loss should be the LM loss
-    alone. An explicit `output_router_logits=` argument still wins.
+    alone. Off for soft routing because there every expert gets every token, so the Switch loss
+    is the constant `num_experts` and only shifts the reported loss. An explicit
+    `output_router_logits=` argument still wins.
     """
+
+    def __init__(self, config: MixtralConfig):
+        super().__init__(config)
+        install_routers(self)
 
     def forward(self, *args, output_router_logits: bool | None = None, **kwargs):
         if output_router_logits is None:
-            output_router_logits = self.training
+            output_router_logits = self.training and routing_of(self.config) != "soft"
         return super().forward(*args, output_router_logits=output_router_logits, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """Save a plain Mixtral checkpoint that any Mixtral loader reads."""
+        """Save a plain Mixtral checkpoint that any Mixtral loader reads (subclasses keep theirs)."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        self.config.architectures = ["MixtralForCausalLM"]
-        self.config.save_pretrained(save_directory)
+        if self.config.model_type == "mixtral":
+            self.config.architectures = ["MixtralForCausalLM"]
+            self.config.save_pretrained(save_directory)
 
 
 def load_btx(path: Path) -> BTXForCausalLM:
-    """Reload a saved BTX model with its training-mode load-balancing loss."""
+    """Reload a saved BTX model with its routing variant and training-mode load-balancing loss."""
     return BTXForCausalLM.from_pretrained(path)
 
 
 class BTXSpec(BaseModel, extra="forbid"):
     """How to build (and, for the training loop, what to train in) the BTX model."""
 
-    num_experts_per_tok: int = Field(2, ge=1)  # BTX: top-2 routing
+    routing: Routing = "top2"  # BTX: top-k (k = num_experts_per_tok) with load balancing
+    num_experts_per_tok: int = Field(2, ge=1)  # top2 only; top1 uses 1, soft all experts
+    gumbel_temperature: float = Field(1.0, gt=0.0)  # top1 only: Gumbel-softmax temperature
     include_seed: bool = True  # the seed's FFN joins as a generalist expert (BTX main setup)
     train_all: bool = True  # BTX fine-tunes every weight; False trains the routers only
-    aux_loss_coef: float = Field(0.01, ge=0.0)  # BTX: load-balancing alpha = 0.01
+    aux_loss_coef: float = Field(0.01, ge=0.0)  # BTX: load-balancing alpha = 0.01 (not soft)
     router_init_std: float = Field(0.02, ge=0.0)  # Mixtral's init; 0 gives all-zero routers
     router_seed: int = 0
+
+    @model_validator(mode="after")
+    def _k_only_for_top2(self):
+        # 2 is accepted whatever the routing, so dumped specs and configs reload unchanged
+        if self.routing != "top2" and self.num_experts_per_tok != 2:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} applies to routing='top2' only, "
+                f"not {self.routing!r}: drop it"
+            )
+        return self
+
+
+def experts_per_token(routing: str, num_experts_per_tok: int, num_experts: int) -> int:
+    """How many FFN experts each token runs through under a routing variant."""
+    return {"top2": num_experts_per_tok, "soft": num_experts, "top1": 1}[routing]
 
 
 def btx_config(seed: LlamaConfig, spec: BTXSpec, expert_names: list[str]) -> MixtralConfig:
     """A Mixtral config equal to the seed's Llama config except for the routed MLPs."""
-    return MixtralConfig(
+    return MixtralConfig(**mixtral_kwargs(seed, spec.routing, spec, expert_names))
+
+
+def mixtral_kwargs(seed: LlamaConfig, routing: str, spec, expert_names: list[str]) -> dict:
+    """Mixtral config fields for the seed's shapes and a routing variant (BTX and BAM share them).
+
+    `num_experts_per_tok` is the number of experts a token actually uses (1 for top1, all for
+    soft), so a plain `MixtralForCausalLM` reload evaluates every variant exactly as we do:
+    top-1 with renormalised weight 1 is our argmax, top-all renormalised is the softmax.
+    """
+    return dict(
         vocab_size=seed.vocab_size,
         hidden_size=seed.hidden_size,
         intermediate_size=seed.intermediate_size,
@@ -90,10 +199,12 @@ def btx_config(seed: LlamaConfig, spec: BTXSpec, expert_names: list[str]) -> Mix
         attention_dropout=seed.attention_dropout,
         sliding_window=None,
         num_local_experts=len(expert_names),
-        num_experts_per_tok=spec.num_experts_per_tok,
+        num_experts_per_tok=experts_per_token(routing, spec.num_experts_per_tok, len(expert_names)),
         output_router_logits=False,  # BTXForCausalLM turns them on in training mode
         router_aux_loss_coef=spec.aux_loss_coef,
         router_jitter_noise=0.0,
+        btx_routing=routing,
+        btx_gumbel_temperature=spec.gumbel_temperature,
         btx_experts=expert_names,  # expert index -> constituent, for routing analysis
     )
 
@@ -112,24 +223,30 @@ def build_btx(
     `out_dir` is given, the model, the seed's tokenizer and `btx_spec.json` are saved there
     atomically.
     """
+    seed_config, sources = constituents(spec, spec.routing, seed_dir, expert_dirs)
+    with torch.random.fork_rng():  # the constructor's random init must not move the caller's RNG
+        model = BTXForCausalLM(btx_config(seed_config, spec, list(sources))).eval()
+    fill_from_constituents(model, list(sources.values()))
+    init_routers(routers(model), spec.router_init_std, spec.router_seed)
+    if out_dir is not None:
+        save_btx(model, spec, Path(seed_dir), Path(out_dir), overwrite=overwrite)
+    return model
+
+
+def constituents(spec, routing: str, seed_dir: Path, expert_dirs: Mapping[str, Path]):
+    """The seed's config and the constituents in expert order, after every input check."""
     seed_config = check_family(Path(seed_dir), expert_dirs)
     _check_llama(seed_config)
     if spec.include_seed and SEED_EXPERT in expert_dirs:
         raise BtsError(f"an expert is named {SEED_EXPERT!r}: rename it, that name is the seed's")
     sources = {SEED_EXPERT: Path(seed_dir)} if spec.include_seed else {}
     sources |= {name: Path(path) for name, path in expert_dirs.items()}
-    if spec.num_experts_per_tok > len(sources):
+    if routing == "top2" and spec.num_experts_per_tok > len(sources):
         raise BtsError(
             f"num_experts_per_tok={spec.num_experts_per_tok} exceeds the {len(sources)} experts: "
             "lower it or add experts"
         )
-    with torch.random.fork_rng():  # the constructor's random init must not move the caller's RNG
-        model = BTXForCausalLM(btx_config(seed_config, spec, list(sources))).eval()
-    _fill_from_constituents(model, list(sources.values()))
-    _init_routers(model, spec.router_init_std, spec.router_seed)
-    if out_dir is not None:
-        save_btx(model, spec, Path(seed_dir), Path(out_dir), overwrite=overwrite)
-    return model
+    return seed_config, sources
 
 
 def _check_llama(config) -> None:
@@ -144,23 +261,40 @@ def _check_llama(config) -> None:
             raise BtsError(f"the seed has {flag}=True, which Mixtral lacks: use a model without it")
 
 
+def copy_ffn_expert(block, index: int, dense_block) -> None:
+    """BTX's per-block copy: constituent `index`'s MLP into expert slot `index`."""
+    _set_expert(block.mlp.experts, index, dense_block.mlp)
+
+
 @torch.no_grad()
-def _fill_from_constituents(model: MixtralForCausalLM, paths: list[Path]) -> None:
-    """Expert e's FFN comes from constituent e; all other weights are the constituents' mean."""
-    shared = {
-        name: param for name, param in model.named_parameters() if ".mlp." not in name
-    }  # named_parameters lists a tied LM head once, so it is averaged once
+def fill_from_constituents(
+    model: MixtralForCausalLM,
+    paths: list[Path],
+    routed: tuple[str, ...] = (".mlp.",),
+    copy_experts: Callable = copy_ffn_expert,
+) -> None:
+    """Expert e's routed modules come from constituent e; all other weights are the mean.
+
+    `routed` names the parameter-name fragments that are per-expert (BTX: the MLPs; BAM adds
+    attention) and `copy_experts(block, e, dense_block)` copies them for one block.
+    """
+
+    def is_shared(name: str) -> bool:
+        return not any(fragment in name for fragment in routed)
+
+    # named_parameters lists a tied LM head once, so it is averaged once
+    shared = {name: param for name, param in model.named_parameters() if is_shared(name)}
     for param in shared.values():
         param.zero_()
     for index, path in enumerate(paths):
         dense = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
-        dense_shared = {n: p for n, p in dense.named_parameters() if ".mlp." not in n}
+        dense_shared = {n: p for n, p in dense.named_parameters() if is_shared(n)}
         if dense_shared.keys() != shared.keys():
             raise BtsError(f"{path} does not have the Llama parameter layout: use a Llama model")
         for name, param in shared.items():
             param.add_(dense_shared[name])
         for block, dense_block in zip(model.model.layers, dense.model.layers, strict=True):
-            _set_expert(block.mlp.experts, index, dense_block.mlp)
+            copy_experts(block, index, dense_block)
         del dense
     for param in shared.values():
         param.div_(len(paths))
@@ -177,15 +311,15 @@ def _set_expert(experts, index: int, mlp) -> None:
 
 
 @torch.no_grad()
-def _init_routers(model: MixtralForCausalLM, std: float, seed: int) -> None:
+def init_routers(modules: list[nn.Module], std: float, seed: int) -> None:
     """Gaussian router weights from their own generator, so builds are reproducible."""
     generator = torch.Generator().manual_seed(seed)
-    for router in routers(model):
+    for router in modules:
         router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * std)
 
 
 def routers(model: MixtralForCausalLM) -> list[MixtralTopKRouter]:
-    """The per-block routers, in block order."""
+    """The per-block FFN routers, in block order."""
     return [module for module in model.modules() if isinstance(module, MixtralTopKRouter)]
 
 
@@ -197,13 +331,38 @@ def set_btx_trainable(model: MixtralForCausalLM, train_all: bool) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def active_parameters(model: MixtralForCausalLM) -> int:
+    """Parameters a token uses: everything except the FFN experts it is not routed to.
+
+    Per block a token runs `config.num_experts_per_tok` FFN experts (1 for top1, all for soft);
+    all shared weights (embeddings, attention, norms, routers, a tied head once) count fully,
+    as do BAM's attention experts, which are soft-routed.
+    """
+    active = sum(p.numel() for p in model.parameters())
+    used = model.config.num_experts_per_tok
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        per_expert = (
+            experts.gate_up_proj.numel() + experts.down_proj.numel()
+        ) // experts.num_experts
+        active -= (experts.num_experts - used) * per_expert
+    return active
+
+
 def save_btx(
     model: MixtralForCausalLM, spec: BTXSpec, seed_dir: Path, out_dir: Path, overwrite: bool = False
 ) -> Path:
     """Save model, the seed's tokenizer and the spec into `out_dir`, atomically."""
+    return save_with_spec(model, spec, "btx_spec.json", seed_dir, out_dir, overwrite)
+
+
+def save_with_spec(
+    model, spec: BaseModel, spec_name: str, seed_dir: Path, out_dir: Path, overwrite: bool
+) -> Path:
+    """Save model, the seed's tokenizer and the spec (as `spec_name`) into `out_dir`, atomically."""
     tokenizer = AutoTokenizer.from_pretrained(seed_dir)
     with atomic_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "btx_spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
+        (tmp / spec_name).write_text(spec.model_dump_json(indent=2) + "\n")
     return Path(out_dir)

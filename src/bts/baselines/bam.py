@@ -1,0 +1,252 @@
+"""Branch-Attend-Mix (BAM, arXiv 2408.08274): BTX whose attention is a mixture of experts too.
+
+Per transformer block, each constituent's feed-forward block becomes one routed FFN expert, as in
+BTX (`bts.baselines.btx`, any of its routing variants), and each constituent's attention module
+(q/k/v/o projections) becomes one attention expert: a per-block router gives softmax weights over
+all attention experts per token, and the block's attention output is the weighted sum of every
+expert's output (BAM's soft mixture of attention). Embeddings, norms and the LM head are the
+constituents' mean. Each attention expert keeps its own KV cache, so `generate` works.
+
+The model is a Mixtral subclass with its own `model_type` (`bts_bam`), registered with the Auto
+classes when this module is imported, saved with `save_pretrained` (safetensors). See docs/bam.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field, model_validator
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralAttention
+
+from bts.baselines.btx import (
+    BTXForCausalLM,
+    Routing,
+    active_parameters,
+    constituents,
+    copy_ffn_expert,
+    fill_from_constituents,
+    init_routers,
+    mixtral_kwargs,
+    routers,
+    save_with_spec,
+)
+from bts.errors import BtsError
+
+__all__ = [
+    "BAMConfig",
+    "BAMForCausalLM",
+    "BAMSpec",
+    "active_parameters",
+    "attention_routers",
+    "build_bam",
+    "load_bam",
+    "set_bam_trainable",
+]
+
+
+class BAMConfig(MixtralConfig):
+    """Mixtral's config plus the number of attention experts per block."""
+
+    model_type = "bts_bam"
+    bam_attention_experts: int = 1
+
+
+class AttentionRouter(nn.Module):
+    """Softmax weights over a block's attention experts, per token.
+
+    Not a `MixtralTopKRouter`, so its logits stay out of Mixtral's load-balancing loss: every
+    attention expert sees every token, there is no load to balance.
+    """
+
+    def __init__(self, config: BAMConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.bam_attention_experts, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(F.linear(hidden_states, self.weight).float(), dim=-1)
+
+
+class MixtureOfAttention(nn.Module):
+    """A block's attention experts, each a full Mixtral attention, mixed by a soft router.
+
+    Expert e of block b caches its keys and values as cache layer `b * n_experts + e`, so one
+    `DynamicCache` holds every expert's cache (BAMForCausalLM makes it grow on demand).
+    """
+
+    def __init__(self, config: BAMConfig, block_idx: int):
+        super().__init__()
+        n = config.bam_attention_experts
+        self.router = AttentionRouter(config)
+        self.experts = nn.ModuleList(
+            MixtralAttention(config, layer_idx=block_idx * n + e) for e in range(n)
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        weights = self.router(hidden_states)  # (batch, seq, n_experts), sums to one per token
+        mixed = None
+        for e, expert in enumerate(self.experts):
+            out, _ = expert(
+                hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
+            )
+            term = weights[..., e : e + 1].to(out.dtype) * out
+            mixed = term if mixed is None else mixed + term
+        return mixed, None  # per-expert attention maps are not returned
+
+
+class BAMForCausalLM(BTXForCausalLM):
+    """BTX's MoE model (routing variant of `config.btx_routing`) with soft attention mixtures."""
+
+    config_class = BAMConfig
+
+    def __init__(self, config: BAMConfig):
+        super().__init__(config)
+        for block_idx, layer in enumerate(self.model.layers):
+            layer.self_attn = MixtureOfAttention(config, block_idx)
+            nn.init.normal_(layer.self_attn.router.weight, std=config.initializer_range)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, AttentionRouter):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        if use_cache is None:
+            use_cache = self.config.use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()  # Mixtral's own would size it to one layer per block
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate's default cache has one layer per block; ours needs one per attention expert."""
+        no_cache = model_kwargs.get("past_key_values") is None
+        if no_cache and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise BtsError(
+                    f"BAM supports only the dynamic KV cache, not "
+                    f"{generation_config.cache_implementation!r}: drop cache_implementation"
+                )
+            model_kwargs["past_key_values"] = DynamicCache()  # grows to blocks x experts layers
+            return
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, *args, **kwargs
+        )
+
+
+AutoConfig.register(BAMConfig.model_type, BAMConfig, exist_ok=True)
+AutoModelForCausalLM.register(BAMConfig, BAMForCausalLM, exist_ok=True)
+
+
+class BAMSpec(BaseModel, extra="forbid"):
+    """How to build (and, for the training loop, what to train in) the BAM model."""
+
+    ffn_routing: Routing = "top2"  # FFN experts as in BTX (top-k with load balancing)
+    num_experts_per_tok: int = Field(2, ge=1)  # top2 only; top1 uses 1, soft all experts
+    gumbel_temperature: float = Field(1.0, gt=0.0)  # top1 only
+    include_seed: bool = True  # the seed joins as a generalist expert (attention and FFN)
+    train_all: bool = True  # BAM trains every weight; False trains the routers only
+    aux_loss_coef: float = Field(0.01, ge=0.0)  # load balancing of the FFN routers
+    router_init_std: float = Field(0.02, ge=0.0)  # FFN and attention routers
+    router_seed: int = 0
+
+    @model_validator(mode="after")
+    def _k_only_for_top2(self):
+        # 2 is accepted whatever the routing, so dumped specs and configs reload unchanged
+        if self.ffn_routing != "top2" and self.num_experts_per_tok != 2:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} applies to ffn_routing='top2' "
+                f"only, not {self.ffn_routing!r}: drop it"
+            )
+        return self
+
+
+def build_bam(
+    spec: BAMSpec,
+    seed_dir: Path,
+    expert_dirs: Mapping[str, Path],
+    out_dir: Path | None = None,
+    *,
+    overwrite: bool = False,
+) -> BAMForCausalLM:
+    """The BAM model (float32, eval mode) built from the seed and its experts.
+
+    Expert order (attention and FFN alike): the seed first (if `spec.include_seed`), then
+    `expert_dirs` in order. If `out_dir` is given, the model, the seed's tokenizer and
+    `bam_spec.json` are saved there atomically.
+    """
+    seed_config, sources = constituents(spec, spec.ffn_routing, seed_dir, expert_dirs)
+    names = list(sources)
+    config = BAMConfig(
+        **mixtral_kwargs(seed_config, spec.ffn_routing, spec, names),
+        bam_attention_experts=len(names),
+    )
+    with torch.random.fork_rng():  # the constructor's random init must not move the caller's RNG
+        model = BAMForCausalLM(config).eval()
+    fill_from_constituents(
+        model, list(sources.values()), routed=(".mlp.", ".self_attn."), copy_experts=_copy_experts
+    )
+    init_routers(routers(model) + attention_routers(model), spec.router_init_std, spec.router_seed)
+    if out_dir is not None:
+        save_with_spec(model, spec, "bam_spec.json", Path(seed_dir), Path(out_dir), overwrite)
+    return model
+
+
+def _copy_experts(block, index: int, dense_block) -> None:
+    """Constituent `index`'s MLP into FFN slot `index`, its attention into attention expert `index`."""
+    copy_ffn_expert(block, index, dense_block)
+    block.self_attn.experts[index].load_state_dict(dense_block.self_attn.state_dict())
+
+
+def attention_routers(model: nn.Module) -> list[AttentionRouter]:
+    """The per-block attention routers, in block order."""
+    return [module for module in model.modules() if isinstance(module, AttentionRouter)]
+
+
+def set_bam_trainable(model: BAMForCausalLM, train_all: bool) -> int:
+    """Train every weight (BAM) or only the FFN and attention routers; returns the trainable count."""
+    model.requires_grad_(train_all)
+    for router in routers(model) + attention_routers(model):
+        router.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_bam(path: Path) -> BAMForCausalLM:
+    """Reload a saved BAM model (safetensors) with its FFN routing variant."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise BtsError(f"{path} has no config.json: give a directory saved by build_bam")
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type != BAMConfig.model_type:
+        raise BtsError(f"{path} holds a {model_type!r} model, not BAM: give a BAM directory")
+    return BAMForCausalLM.from_pretrained(path)
