@@ -30,7 +30,7 @@ from transformers import (
     MixtralConfig,
     MixtralForCausalLM,
 )
-from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralTopKRouter
 
 from bts.baselines import check_family
 from bts.errors import BtsError
@@ -79,6 +79,22 @@ class GumbelTop1Router(MixtralTopKRouter):
         return logits, 1.0 + (chosen - chosen.detach()), index  # value exactly 1, soft gradient
 
 
+class DenseExperts(MixtralExperts):
+    """Every FFN expert on every token as three batched matmuls, for soft routing.
+
+    Mixtral's expert kernels gather the tokens of each expert, which for soft routing (every
+    token to every expert) costs several times a dense computation of the same function.
+    """
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        gate, up = torch.einsum("td,efd->etf", hidden_states, self.gate_up_proj).chunk(2, dim=-1)
+        outputs = torch.einsum("eti,edi->etd", self.act_fn(gate) * up, self.down_proj)
+        weights = torch.zeros(
+            len(hidden_states), self.num_experts, dtype=outputs.dtype, device=outputs.device
+        ).scatter(1, top_k_index, top_k_weights.to(outputs.dtype))
+        return torch.einsum("etd,te->td", outputs, weights)
+
+
 ROUTERS: dict[str, type[MixtralTopKRouter]] = {
     "top2": MixtralTopKRouter,
     "soft": SoftRouter,
@@ -95,6 +111,13 @@ def install_routers(model: MixtralForCausalLM) -> None:
             new = router_class(model.config)
             new.weight = old.weight  # already initialised (or about to be loaded) by transformers
             layer.mlp.gate = new
+        if router_class is SoftRouter and type(layer.mlp.experts) is not DenseExperts:
+            dense = DenseExperts(model.config)
+            dense.gate_up_proj, dense.down_proj = (
+                layer.mlp.experts.gate_up_proj,
+                layer.mlp.experts.down_proj,
+            )
+            layer.mlp.experts = dense
 
 
 def routing_of(config) -> str:
