@@ -541,6 +541,50 @@ def _plot_curves(curves: Mapping[str, Curve], path: Path) -> None:
     _save(fig, path)
 
 
+def _paired_ablations(report: Mapping[str, Any], curves: Mapping[str, Curve]) -> list[str]:
+    """Ablations that saw the run's own batches (the mix is unchanged), so that their loss minus
+    the run's stitch loss at the same step is a paired difference, free of batch-to-batch noise."""
+    changes_data = {"domains", "mix", "experts", "batch_size"}
+    entries = report.get("ablations") or {}
+    return [
+        name
+        for name in curves
+        if name in entries and not changes_data & set(entries[name].get("overlay") or {})
+    ]
+
+
+def _plot_ablation_curves(
+    base: Curve, curves: Mapping[str, Curve], paired: Sequence[str], path: Path
+) -> None:
+    """Left: every ablation's training loss beside the run's stitch stage. Right: the paired
+    difference (ablation - run) at each logged step, for ablations that saw the same batches."""
+    fig = _figure(11, 4.2)
+    left, right = fig.subplots(1, 2)
+    colors = dict(zip(curves, _colors(len(curves)), strict=True))
+    left.plot(base.steps, base.losses, color="black", label="stitch (run)", linewidth=2)
+    base_at = dict(zip(base.steps, base.losses, strict=True))
+    for name, curve in curves.items():
+        left.plot(curve.steps, curve.losses, color=colors[name], label=name, linewidth=1)
+        if name in paired:
+            steps = [s for s in curve.steps if s in base_at]
+            diffs = [
+                loss - base_at[s]
+                for s, loss in zip(curve.steps, curve.losses, strict=True)
+                if s in base_at
+            ]
+            right.plot(steps, diffs, color=colors[name], label=name, marker=".", linewidth=1.2)
+    right.axhline(0.0, color="black", linewidth=1)
+    left.set_title("training loss")
+    right.set_title("ablation - run, same batches (paired)")
+    for ax in (left, right):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    left.set_ylabel("loss")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    _save(fig, path)
+
+
 def _token_label(token: str) -> str:
     """A short, visible x tick label for one token."""
     shown = token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "·")
@@ -665,10 +709,16 @@ def write_report(run_dir: Path, logs: Mapping[str, Path] | None = None) -> Path:
     if main:
         _plot_curves(main, run_dir / IMAGE_FILES["training_curves"])
         images["training_curves"] = IMAGE_FILES["training_curves"]
-    ablation = {k: c for k, c in curves.items() if k.startswith(ABLATIONS_PREFIX)}
-    if ablation:  # each ablation against the run's own stitch stage, at equal tokens
-        base = {"stitch": curves["stitch"]} if "stitch" in curves else {}
-        _plot_curves(base | ablation, run_dir / IMAGE_FILES["ablation_curves"])
+    ablation = {
+        k.removeprefix(ABLATIONS_PREFIX): c
+        for k, c in curves.items()
+        if k.startswith(ABLATIONS_PREFIX)
+    }
+    if ablation and "stitch" in curves:
+        paired = _paired_ablations(report, ablation)
+        _plot_ablation_curves(
+            curves["stitch"], ablation, paired, run_dir / IMAGE_FILES["ablation_curves"]
+        )
         images["ablation_curves"] = IMAGE_FILES["ablation_curves"]
     if gates:
         written = plot_gate_maps(
