@@ -33,13 +33,22 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from bts.batched import (
+    StackedCache,
+    StackedWeights,
+    attention_mask_4d,
+    run_block,
+    unstackable_reason,
+)
 from bts.errors import BtsError
-from bts.models import Decoder, check_compatible, decoder, freeze
+from bts.models import Decoder, _layer_types, check_compatible, decoder, freeze
 
 StitchKind = Literal["experts_into_hub", "hub_into_experts"]
 EXPERTS_INTO_HUB: StitchKind = "experts_into_hub"
 HUB_INTO_EXPERTS: StitchKind = "hub_into_experts"
 HUB = "hub"
+_UNSET = object()  # "argument not given" where None is a meaningful value
+_CHUNK_TOKENS = 1536  # models x rows x tokens per chunk of a cache-less batched forward
 
 
 @dataclass(frozen=True)
@@ -171,21 +180,33 @@ class StitchLayer(nn.Module):
         return self.dropout(logits.unflatten(-1, (len(sources), self.width)))
 
     def forward(
-        self, hub: torch.Tensor, experts: dict[str, torch.Tensor]
+        self,
+        hub: torch.Tensor,
+        experts: dict[str, torch.Tensor],
+        names: Sequence[str] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """Return the new hub state, the new expert states and the gates [..., sources, width]."""
-        if self.kind == EXPERTS_INTO_HUB:
-            return self._experts_into_hub(hub, experts)
-        return self._hub_into_experts(hub, experts)
+        """Return the new hub state, the new expert states and the gates [..., sources, width].
 
-    def _experts_into_hub(self, hub, experts):
-        names = self.experts
+        `names` restricts the layer to some experts (pruning: a left-out expert is exactly an
+        expert whose scale is 0); `keep` [batch, len(names)] in {0, 1} closes an expert for some
+        rows only, the same way.
+        """
+        names = self.experts if names is None else list(names)
+        if self.kind == EXPERTS_INTO_HUB:
+            return self._experts_into_hub(hub, experts, names, keep)
+        return self._hub_into_experts(hub, experts, names)
+
+    def _experts_into_hub(self, hub, experts, names, keep=None):
         logits = self._gate_logits(hub, [HUB, *names])
         # softmax with priors (1, a_1..a_n): weights exactly (1, 0, ..) at a = 0 (Eq. 3 at a = 1)
         priors = torch.stack(
             [hub.new_ones(self.width)]
             + [_nonnegative(self.gate_gain * self.scale[n]) for n in names]
         )
+        if keep is not None:  # per-row prior 0 for a pruned expert: [batch, 1, sources, width]
+            rows = torch.cat([keep.new_ones(keep.shape[0], 1), keep], dim=1).to(priors.dtype)
+            priors = priors * rows[:, None, :, None]
         unnormalised = priors * _stable_exp(logits, priors)
         gates = unnormalised / unnormalised.sum(dim=-2, keepdim=True)
         mixed = gates[..., 0, :] * hub
@@ -193,8 +214,7 @@ class StitchLayer(nn.Module):
             mixed = mixed + gates[..., i, :] * self.proj[name](experts[name])
         return mixed, experts, gates
 
-    def _hub_into_experts(self, hub, experts):
-        names = self.experts
+    def _hub_into_experts(self, hub, experts, names):
         if not names:
             return hub, experts, hub.new_zeros(*hub.shape[:-1], 0, self.width)
         logits = self._gate_logits(hub, names)
@@ -223,7 +243,7 @@ class GateRecord:
 class StitchedOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: dict[str, DynamicCache] | None = None
+    past_key_values: StackedCache | dict[str, DynamicCache] | None = None
     gates: list[GateRecord] | None = field(default=None)
 
 
@@ -251,9 +271,13 @@ class StitchedModel(nn.Module):
         placement: Sequence[StitchPoint],
         gate_dropout: float = 0.1,
         gate_gain: float = 1.0,
+        batched: bool = True,
     ):
         super().__init__()
         decoder(hub, "hub")
+        self.batched = batched
+        self._stacked: StackedWeights | None = None
+        self._unstackable: tuple | None = None  # (signature, reason) of the last refusal
         self.hub = freeze(hub)
         self.experts = nn.ModuleDict()
         self.placement = sorted(placement, key=lambda p: p.after_layer)
@@ -279,6 +303,7 @@ class StitchedModel(nn.Module):
         num_stitches: int = 4,
         gate_dropout: float = 0.1,
         gate_gain: float = 1.0,
+        batched: bool = True,
     ) -> StitchedModel:
         """Stitch loaded causal LMs; `placement` overrides the paper's default of `num_stitches`."""
         if placement is None:
@@ -287,7 +312,7 @@ class StitchedModel(nn.Module):
             points = [
                 p if isinstance(p, StitchPoint) else StitchPoint(int(p[0]), p[1]) for p in placement
             ]
-        return cls(hub, experts, points, gate_dropout, gate_gain)
+        return cls(hub, experts, points, gate_dropout, gate_gain, batched=batched)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> StitchedModel:
@@ -338,6 +363,7 @@ class StitchedModel(nn.Module):
         _check_name(name, self.expert_names)
         decoder(model, f"expert '{name}'")
         check_compatible(self.hub, model, name)
+        self._drop_stacks()
         self.experts[name] = freeze(model)
         for stitch in self.stitches.values():
             stitch.add_expert(name)
@@ -346,6 +372,9 @@ class StitchedModel(nn.Module):
         """Drop an expert and its stitch parameters; the gates renormalise over the rest."""
         if name not in self.experts:
             raise BtsError(f"no expert named '{name}': stitched experts are {self.expert_names}")
+        if self._stacked is not None:
+            self._stacked.unbind(self.experts[name])  # it keeps working on its own after removal
+        self._drop_stacks()
         del self.experts[name]
         for stitch in self.stitches.values():
             stitch.remove_expert(name)
@@ -374,10 +403,93 @@ class StitchedModel(nn.Module):
         self.experts.eval()
         return self
 
+    # --- inference options --------------------------------------------------------------------
+
+    # generate() drafts with this assistant unless told otherwise: "hub" (the stitched model's
+    # own hub, no weight copy) or None (plain decoding). Greedy output is the same either way;
+    # benchmarks/inference.py measured both (docs/inference.md).
+    default_assistant: str | None = "hub"
+    num_assistant_tokens: int = 4
+    # ... but only up to this batch size: a batch keeps the smallest agreement over its rows, and
+    # at batch 8 that made speculative decoding slower than plain batched decoding (measured)
+    default_assistant_max_batch: int = 1
+    # the batched path under autograd (training): a 16 x 128 stitch-stage step measured 1.10x
+    # the loop's time (no in-place stream updates, extra stacking), so training loops by default
+    batched_training: bool = False
+    # skip an expert for a whole sequence when its experts-into-hub gate mass on the prompt is
+    # below this (None: never); changes outputs, so off by default (docs/inference.md)
+    prune_threshold: float | None = None
+
+    def set_inference(
+        self,
+        *,
+        batched: bool | None = None,
+        batched_training: bool | None = None,
+        assistant: str | nn.Module | None | object = _UNSET,
+        num_assistant_tokens: int | None = None,
+        assistant_max_batch: int | None = None,
+        prune_threshold: float | None | object = _UNSET,
+    ) -> StitchedModel:
+        """Switch the inference features on this model (arguments left out stay as they are)."""
+        if assistant_max_batch is not None:
+            self.default_assistant_max_batch = assistant_max_batch
+        if batched is not None:
+            self.batched = batched
+        if batched_training is not None:
+            self.batched_training = batched_training
+        if assistant is not _UNSET:
+            self.default_assistant = assistant
+        if num_assistant_tokens is not None:
+            if num_assistant_tokens < 1:
+                raise BtsError(f"num_assistant_tokens={num_assistant_tokens} must be at least 1")
+            self.num_assistant_tokens = num_assistant_tokens
+        if prune_threshold is not _UNSET:
+            self.prune_threshold = prune_threshold
+        return self
+
+    @property
+    def batched_reason(self) -> str | None:
+        """Why forward runs the per-model loop instead of the batched path (None: it is batched)."""
+        if not self.batched:
+            return "batched is off"
+        return None if self._stacks() is not None else self._unstackable[1]
+
+    @property
+    def expert_depth(self) -> int:
+        """Blocks the experts run: the ones after the last experts-into-hub stitch cannot matter."""
+        return max(p.after_layer for p in self.placement if p.kind == EXPERTS_INTO_HUB) + 1
+
+    def _constituents(self) -> list[PreTrainedModel]:
+        return [self.hub, *self.experts.values()]
+
+    def _stacks(self) -> StackedWeights | None:
+        """The stacked weights, built on first use; None when the constituents cannot stack."""
+        if not self.batched:
+            return None
+        if self._stacked is not None and self._stacked.is_current():
+            return self._stacked
+        models = self._constituents()
+        signature = tuple((id(m), next(m.parameters()).data_ptr()) for m in models)
+        if self._unstackable is not None and self._unstackable[0] == signature:
+            return None
+        reason = unstackable_reason(models, self.expert_depth)
+        if reason is not None:
+            self._unstackable = (signature, reason)
+            self._stacked = None
+            return None
+        self._stacked = StackedWeights(models, self.expert_depth)
+        return self._stacked
+
+    def _drop_stacks(self) -> None:
+        self._stacked = None
+        self._unstackable = None
+
     # --- forward ------------------------------------------------------------------------------
 
-    def new_cache(self) -> dict[str, DynamicCache]:
-        """A KV cache per constituent, for incremental decoding."""
+    def new_cache(self) -> StackedCache | dict[str, DynamicCache]:
+        """A KV cache for incremental decoding: one stacked cache when batched, else one per model."""
+        if self._stacks() is not None:
+            return StackedCache()
         models = {HUB: self.hub, **self.experts}
         return {name: DynamicCache(config=m.config) for name, m in models.items()}
 
@@ -386,23 +498,69 @@ class StitchedModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        past_key_values: dict[str, DynamicCache] | None = None,
+        past_key_values: StackedCache | dict[str, DynamicCache] | None = None,
         use_cache: bool = False,
         return_gates: bool = False,
         logits_to_keep: int = 0,
+        expert_keep: torch.Tensor | None = None,
     ) -> StitchedOutput:
+        """Logits (and loss, gates, cache). `expert_keep` [batch, experts] bool prunes experts
+        per row (see `prune_threshold`); an expert pruned on every row is not run at all."""
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
-        caches = past_key_values or {}
+        names, keep = self._active_experts(expert_keep, input_ids.shape[0])
+        # with autograd on and no cache (training) the loop measured faster: batched only if asked
+        training = torch.is_grad_enabled() and past_key_values is None
+        looped = isinstance(past_key_values, dict) or (training and not self.batched_training)
+        stacks = None if looped else self._stacks()
+        if isinstance(past_key_values, StackedCache) and stacks is None:
+            raise BtsError(
+                "this StackedCache belongs to the batched path, which is off or unavailable: "
+                "start again with model.new_cache()"
+            )
+        args = (input_ids, attention_mask, past_key_values, return_gates, names, keep)
+        if stacks is not None and past_key_values is None:
+            hidden, gate_records = self._run_batched_in_chunks(stacks, *args)
+        elif stacks is not None:
+            hidden, gate_records = self._run_batched(stacks, *args)
+        else:
+            hidden, gate_records = self._run_looped(*args)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = decoder(self.hub, "hub").logits(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return StitchedOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+            gates=gate_records if return_gates else None,
+        )
+
+    def _active_experts(
+        self, expert_keep: torch.Tensor | None, rows: int
+    ) -> tuple[list[str], torch.Tensor | None]:
+        """Experts that run (kept on some row) and the per-row 0/1 keep of those, None if all."""
+        names = self.expert_names
+        if expert_keep is None:
+            return names, None
+        if expert_keep.shape != (rows, len(names)):
+            raise BtsError(
+                f"expert_keep has shape {tuple(expert_keep.shape)}: expected (batch, experts) = "
+                f"({rows}, {len(names)}) in the order {names}"
+            )
+        expert_keep = expert_keep.bool()
+        running = [i for i in range(len(names)) if bool(expert_keep[:, i].any())]
+        keep = expert_keep[:, running]
+        return [names[i] for i in running], None if bool(keep.all()) else keep
+
+    def _run_looped(self, input_ids, attention_mask, caches, return_gates, names, keep):
+        """The reference path: each constituent's own blocks, one model after another."""
+        caches = caches or {}
         past = caches[HUB].get_seq_length() if caches else 0
         position_ids = _position_ids(input_ids, attention_mask, past)
-        # experts' blocks after the last stitch that reads them cannot reach the output
-        expert_depth = max(p.after_layer for p in self.placement if p.kind == EXPERTS_INTO_HUB) + 1
-
-        streams = {}
         models = {HUB: decoder(self.hub, "hub")}
-        models.update({n: decoder(m, n) for n, m in self.experts.items()})
-        contexts = {}
+        models.update({n: decoder(self.experts[n], n) for n in names})
+        streams, contexts = {}, {}
         for name, dec in models.items():
             hidden = dec.embed(input_ids)
             cache = caches.get(name)
@@ -413,41 +571,119 @@ class StitchedModel(nn.Module):
             )
             streams[name] = hidden
 
-        gate_records = []
+        records = []
         for index in range(self.hub.config.num_hidden_layers):
             for name, dec in models.items():
-                if name != HUB and index >= expert_depth:
+                if name != HUB and index >= self.expert_depth:
                     continue
                 masks, rotary, cache = contexts[name]
                 streams[name] = _run_layer(
                     dec, index, streams[name], masks, rotary, position_ids, cache
                 )
-            stitch = self.stitches[str(index)] if str(index) in self.stitches else None
-            if stitch is None:
-                continue
-            experts = {n: streams[n] for n in stitch.experts}
-            hub, experts, gates = stitch(streams[HUB], experts)
-            streams[HUB] = hub
-            streams.update(experts)
-            if return_gates:
-                sources = (
-                    [HUB, *stitch.experts] if stitch.kind == EXPERTS_INTO_HUB else stitch.experts
-                )
-                gate_records.append(
-                    GateRecord(index, stitch.kind, sources, gates.detach().mean(dim=-1))
-                )
+            if str(index) in self.stitches:
+                hub, experts = self._stitch(index, streams, names, keep, return_gates, records)
+                streams[HUB] = hub
+                streams.update(experts)
+        return streams[HUB], records
 
-        hidden = streams[HUB]
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = models[HUB].logits(hidden)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return StitchedOutput(
-            loss=loss,
-            logits=logits,
-            past_key_values=past_key_values if use_cache else None,
-            gates=gate_records if return_gates else None,
+    def _run_batched_in_chunks(self, stacks, input_ids, attention_mask, cache, gates, names, keep):
+        """Cache-less forward over groups of rows: rows are independent, and [M, rows, T, d]
+        temporaries of a few MB get reused by the allocator, while one large batch maps fresh
+        pages on every op (page faults made 8 x 256 slower than the loop; chunks fixed that)."""
+        batch, length = input_ids.shape
+        step = max(1, _CHUNK_TOKENS // ((len(names) + 1) * length))
+        if step >= batch:
+            return self._run_batched(stacks, input_ids, attention_mask, cache, gates, names, keep)
+        parts = [
+            self._run_batched(
+                stacks,
+                input_ids[rows],
+                None if attention_mask is None else attention_mask[rows],
+                None,
+                gates,
+                names,
+                None if keep is None else keep[rows],
+            )
+            for rows in (slice(i, i + step) for i in range(0, batch, step))
+        ]
+        hidden = torch.cat([h for h, _ in parts])
+        records = [
+            GateRecord(
+                r.after_layer, r.kind, r.sources, torch.cat([p[1][i].weights for p in parts])
+            )
+            for i, r in enumerate(parts[0][1])
+        ]
+        return hidden, records
+
+    def _run_batched(self, stacks, input_ids, attention_mask, cache, return_gates, names, keep):
+        """All constituents' blocks at one depth as one batched computation (bts.batched)."""
+        active = tuple([0] + [1 + self.expert_names.index(n) for n in names])
+        layers = stacks.layers_for(None if len(active) == len(self.experts) + 1 else active)
+        if cache is not None:
+            _align_cache(cache, active)
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids = _position_ids(input_ids, attention_mask, past)
+        models = [self.hub, *(self.experts[n] for n in names)]
+        x = torch.stack([m.model.embed_tokens(input_ids) for m in models])
+        rotary = self.hub.model.rotary_emb(x[0], position_ids)
+        batch, new = input_ids.shape
+        mask = attention_mask_4d(attention_mask, batch, new, past, input_ids.device)
+        records = []
+        for index, layer in enumerate(layers):
+            x = run_block(stacks, layer, index, x, rotary, mask, cache)
+            if str(index) not in self.stitches:
+                continue
+            streams = {HUB: x[0], **{n: x[i] for i, n in enumerate(names, start=1)}}
+            hub, experts = self._stitch(index, streams, names, keep, return_gates, records)
+            if index + 1 >= self.expert_depth:  # only the hub runs deeper
+                x = hub[None]
+            elif torch.is_grad_enabled():  # autograd needs the old streams: a new tensor
+                x = torch.stack([hub, *(experts[n] for n in names)])
+            else:  # write back in place: no fresh [M, B, T, d] allocation per stitch
+                for i, stream in enumerate([hub, *(experts[n] for n in names)]):
+                    if stream is not streams[HUB if i == 0 else names[i - 1]]:
+                        x[i].copy_(stream)
+        return x[0], records
+
+    def _stitch(self, index, streams, names, keep, return_gates, records):
+        """Apply the stitch after block `index` to the streams; record its gates if asked."""
+        stitch = self.stitches[str(index)]
+        experts = {n: streams[n] for n in names}
+        hub, experts, gates = stitch(streams[HUB], experts, names=names, keep=keep)
+        if return_gates:
+            sources = [HUB, *names] if stitch.kind == EXPERTS_INTO_HUB else list(names)
+            records.append(GateRecord(index, stitch.kind, sources, gates.detach().mean(dim=-1)))
+        return hub, experts
+
+    def expert_keep_from_gates(
+        self,
+        gates: list[GateRecord],
+        attention_mask: torch.Tensor | None,
+        threshold: float,
+    ) -> torch.Tensor:
+        """Per row, keep an expert whose experts-into-hub gate mass (mean over the stitches and
+        the real tokens of the forward that returned `gates`) is at least `threshold`."""
+        records = [g for g in gates if g.kind == EXPERTS_INTO_HUB]
+        weights = torch.stack([g.weights for g in records]).mean(0)  # [batch, seq, sources]
+        length = weights.shape[1]
+        real = (
+            torch.ones(weights.shape[:2], device=weights.device)
+            if attention_mask is None
+            else attention_mask[:, -length:].to(weights.dtype)
         )
+        mass = (weights * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+        sources = records[0].sources
+        return torch.stack(
+            [
+                mass[:, sources.index(n)] >= threshold
+                if n in sources
+                else torch.zeros_like(mass[:, 0], dtype=torch.bool)
+                for n in self.expert_names
+            ],
+            dim=1,
+        )
+
+    # --- generation ---------------------------------------------------------------------------
 
     @torch.inference_mode()
     def generate(
@@ -462,21 +698,94 @@ class StitchedModel(nn.Module):
         pad_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        assistant_model: str | nn.Module | None | object = _UNSET,
+        num_assistant_tokens: int | None = None,
+        prune_threshold: float | None | object = _UNSET,
         **_: object,
     ) -> torch.Tensor:
-        """Greedy or sampled decoding with one KV cache per constituent; returns prompt + new tokens.
+        """Greedy or sampled decoding with KV caches; returns prompt + new tokens.
 
         Prompts in a batch are left-padded (attention_mask 0 on the left), as in transformers.
+        `assistant_model` ("hub", a causal LM with the same vocabulary, or None) drafts
+        `num_assistant_tokens` tokens that one stitched forward verifies: greedy output is
+        token-for-token that of plain decoding. Defaults: `default_assistant`,
+        `num_assistant_tokens`, `prune_threshold` (see `set_inference`).
         """
+        eos_token_id, pad_token_id = self._special_tokens(eos_token_id, pad_token_id)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        threshold = self.prune_threshold if prune_threshold is _UNSET else prune_threshold
+        assistant = self._assistant(assistant_model, do_sample, use_cache, input_ids.shape[0])
+        if assistant is not None:
+            from bts.speculative import make_drafter, speculative_generate
+
+            tokens, self.speculative_stats = speculative_generate(
+                self,
+                input_ids,
+                mask,
+                max_new_tokens,
+                make_drafter(self, assistant),
+                num_assistant_tokens or self.num_assistant_tokens,
+                eos_token_id,
+                pad_token_id,
+                threshold,
+            )
+            return tokens
+        return self._plain_generate(
+            input_ids,
+            mask,
+            max_new_tokens,
+            (do_sample, temperature, top_k, generator),
+            eos_token_id,
+            pad_token_id,
+            use_cache,
+            threshold,
+        )
+
+    def _special_tokens(self, eos_token_id, pad_token_id) -> tuple[int | None, int]:
         if eos_token_id is None:
             eos_token_id = self.hub.config.eos_token_id
         if isinstance(eos_token_id, list):
             eos_token_id = eos_token_id[0]
         if pad_token_id is None:
             pad_token_id = eos_token_id if eos_token_id is not None else 0
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return eos_token_id, pad_token_id
+
+    def _assistant(self, assistant_model, do_sample: bool, use_cache: bool, rows: int):
+        """The drafter to use, or None; an explicit assistant with sampling is refused."""
+        sliding = any(
+            "sliding_attention" in _layer_types(m.config) for m in self._constituents()
+        )  # a sliding-window cache cannot be rolled back past its window
+        if assistant_model is _UNSET:  # the default quietly steps aside where it cannot apply
+            usable = not do_sample and use_cache and not sliding
+            usable = usable and rows <= self.default_assistant_max_batch
+            return self.default_assistant if usable else None
+        if assistant_model is not None and (do_sample or not use_cache):
+            raise BtsError(
+                "speculative decoding here is greedy and cached: pass assistant_model=None to "
+                "sample or to decode without a cache"
+            )
+        if assistant_model is not None and sliding:
+            raise BtsError(
+                "speculative decoding needs caches that can roll back, and a constituent uses "
+                "sliding-window attention: pass assistant_model=None"
+            )
+        return assistant_model
+
+    def _plain_generate(
+        self,
+        input_ids,
+        mask,
+        max_new_tokens,
+        sampling,
+        eos_token_id,
+        pad_token_id,
+        use_cache,
+        threshold,
+    ) -> torch.Tensor:
+        """One stitched forward per new token (with pruning decided on the prompt, if asked)."""
         tokens, caches = input_ids, (self.new_cache() if use_cache else None)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        keep = None
         for step in range(max_new_tokens):
             fresh = tokens if (step == 0 or not use_cache) else tokens[:, -1:]
             out = self(
@@ -485,20 +794,44 @@ class StitchedModel(nn.Module):
                 past_key_values=caches,
                 use_cache=use_cache,
                 logits_to_keep=1,
+                return_gates=step == 0 and threshold is not None,
+                expert_keep=keep,
             )
-            next_token = _choose(
-                out.logits[:, -1].float(), do_sample, temperature, top_k, generator
+            if step == 0 and threshold is not None:
+                keep = self.expert_keep_from_gates(out.gates, mask, threshold)
+            next_token = _choose(out.logits[:, -1].float(), *sampling)
+            tokens, mask, finished = append_token(
+                tokens, mask, finished, next_token, eos_token_id, pad_token_id
             )
-            if eos_token_id is not None:
-                next_token = torch.where(
-                    finished, torch.full_like(next_token, pad_token_id), next_token
-                )
-                finished |= next_token == eos_token_id
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
             if finished.all():
                 break
         return tokens
+
+
+def append_token(tokens, mask, finished, next_token, eos_token_id, pad_token_id):
+    """Append one token per row; rows that produced EOS before get padding from then on."""
+    if eos_token_id is not None:
+        next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
+        finished = finished | (next_token == eos_token_id)
+    tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+    mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
+    return tokens, mask, finished
+
+
+def _align_cache(cache: StackedCache, active: tuple[int, ...]) -> None:
+    """A cache filled with more experts than now run (pruning after the prompt) drops them."""
+    if cache.models is None or cache.get_seq_length() == 0:
+        cache.models = active
+        return
+    if cache.models == active:
+        return
+    if not set(active) <= set(cache.models):
+        raise BtsError(
+            "the cache holds fewer experts than this forward runs: an expert pruned earlier in "
+            "a sequence cannot come back; start again with model.new_cache()"
+        )
+    cache.keep_models([cache.models.index(m) for m in active])
+    cache.models = active
 
 
 def _position_ids(
