@@ -344,3 +344,23 @@ def test_set_inference_switches_and_validates(make_model):
     assert StitchedModel.default_assistant == "hub"  # the class default is untouched
     with pytest.raises(BtsError, match="at least 1"):
         model.set_inference(num_assistant_tokens=0)
+
+
+def test_generating_first_then_training_works(make_model):
+    """Stacks built under inference_mode (generate) must not turn the weights into inference
+    tensors: training afterwards needs them for backward."""
+    model = trained(make_model, "llama-tied")
+    ids, mask = batch()
+    model.generate(ids, attention_mask=mask, max_new_tokens=2)
+    assert model.batched_reason is None
+    model.train_only()
+    model.train()
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.stitch_parameters())
+
+
+@pytest.mark.parametrize("name", ["copy", "keys", "pop", "hub", "a.b", ""])
+def test_expert_names_that_cannot_be_keys_are_refused(make_model, name):
+    model = trained(make_model, "llama-tied", n_experts=1)
+    with pytest.raises(BtsError, match="is not allowed"):
+        model.add_expert(name, make_model(seed=7))

@@ -211,6 +211,56 @@ def evaluate(
     typer.echo(format_table(records))
 
 
+@app.command("export")
+@_friendly
+def export_model(
+    stitched: Annotated[Path, typer.Argument(help="A stitched model directory")],
+    out: Annotated[Path, typer.Argument(help="Where to write the Hugging Face model directory")],
+) -> None:
+    """Write a self-contained Hugging Face model directory (AutoModelForCausalLM loads it)."""
+    from bts.export import export
+
+    _timed("export", export, stitched, out)
+
+
+@app.command("lm-eval")
+@_friendly
+def lm_eval(
+    model: Annotated[
+        Path, typer.Argument(help="A `bts export` output, a causal-LM directory or a stitched one")
+    ],
+    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval tasks, e.g. bts_math")],
+    limit: Annotated[int | None, typer.Option(help="Examples per task (default: all)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write lm-eval's results as JSON")] = None,
+    include_path: Annotated[
+        Path | None, typer.Option(help="A folder of extra lm-eval task YAMLs")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass")] = 1,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda")] = "cpu",
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow a model's own code (not needed for bts exports)")
+    ] = False,
+) -> None:
+    """Run lm-evaluation-harness tasks (bts_math ships with bts) on a model."""
+    from bts.harness import run_lm_eval, summary_table
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    start = time.perf_counter()
+    results = run_lm_eval(
+        model,
+        names,
+        limit=limit,
+        out=out,
+        include_path=include_path,
+        batch_size=batch_size,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
+    typer.echo(summary_table(results))
+    where = f" -> {out}" if out else ""
+    typer.echo(f"[bts] lm-eval: done in {time.perf_counter() - start:.1f} s{where}", err=True)
+
+
 @data_app.command("list")
 @_friendly
 def data_list(config: Config, out: Out = None) -> None:

@@ -255,8 +255,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _check_name(name: str, taken: Sequence[str]) -> None:
-    if not name or "." in name or name == HUB:
-        raise BtsError(f"expert name '{name}' is not allowed: use a non-empty name without '.'")
+    # names become keys of ModuleDict/ParameterDict, which refuse their own attribute names
+    reserved = name == HUB or hasattr(nn.ParameterDict, name) or hasattr(nn.ModuleDict, name)
+    if not name or "." in name or reserved:
+        raise BtsError(
+            f"expert name '{name}' is not allowed: use a non-empty name without '.' that is "
+            "not 'hub' or a Python dict method"
+        )
     if name in taken:
         raise BtsError(f"an expert named '{name}' is already stitched: remove it first")
 
@@ -477,7 +482,10 @@ class StitchedModel(nn.Module):
             self._unstackable = (signature, reason)
             self._stacked = None
             return None
-        self._stacked = StackedWeights(models, self.expert_depth)
+        # the constituents' weights become views into the stacks: built as normal tensors even
+        # under inference_mode (generate), or training the model afterwards would fail
+        with torch.inference_mode(False):
+            self._stacked = StackedWeights(models, self.expert_depth)
         return self._stacked
 
     def _drop_stacks(self) -> None:

@@ -1,0 +1,71 @@
+"""`bts export`: a stitched model directory -> one self-contained Hugging Face model directory.
+
+A stitched directory holds only stitch weights and a manifest that points at its constituents'
+directories. An export holds everything (config, hub + experts + stitch weights in safetensors,
+the hub's tokenizer and generation config, and the modelling code), so it can be copied, loaded
+with `AutoModelForCausalLM.from_pretrained` and evaluated by tools that know nothing about bts.
+docs/export.md describes the layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from bts.errors import BtsError
+from bts.fileio import atomic_dir
+from bts.hf import BtsStitchedForCausalLM
+from bts.stitch_io import load_stitched, read_manifest
+
+PROVENANCE = "bts_export.json"
+MAX_SHARD_SIZE = "2GB"
+
+
+def hub_directory(stitched_dir: Path) -> Path:
+    """Where the hub of a stitched directory lives (its tokenizer is the model's tokenizer)."""
+    info = read_manifest(stitched_dir)
+    return (Path(stitched_dir) / info["hub"]["path"]).resolve()
+
+
+def _check_target(stitched_dir: Path, info: dict, out_dir: Path) -> None:
+    """The export replaces `out_dir` whole: never let that be the model it reads from."""
+    sources = {"the stitched directory": stitched_dir.resolve()}
+    sources["the hub"] = (stitched_dir / info["hub"]["path"]).resolve()
+    for name, entry in info["experts"].items():
+        sources[f"expert '{name}'"] = (stitched_dir / entry["path"]).resolve()
+    target = out_dir.resolve()
+    for role, path in sources.items():
+        if target == path or path.is_relative_to(target):
+            raise BtsError(f"export target {out_dir} holds {role} ({path}): choose another one")
+
+
+def _tokenizer(hub_dir: Path):
+    try:
+        return AutoTokenizer.from_pretrained(hub_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise BtsError(
+            f"the hub at {hub_dir} has no loadable tokenizer ({type(err).__name__}): save the "
+            "tokenizer into the hub's directory (tokenizer.save_pretrained) and export again"
+        ) from err
+
+
+def export(stitched_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write `out_dir` atomically from `stitched_dir` (constituents verified by SHA-256)."""
+    stitched_dir, out_dir = Path(stitched_dir), Path(out_dir)
+    info = read_manifest(stitched_dir)  # one clear line if this is not a stitched directory
+    _check_target(stitched_dir, info, out_dir)
+    tokenizer = _tokenizer(hub_directory(stitched_dir))  # fail before the slow part
+    model = load_stitched(stitched_dir)  # refuses missing or changed constituents
+    wrapper = BtsStitchedForCausalLM.from_stitched(model)
+    with atomic_dir(out_dir) as tmp:
+        wrapper.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        tokenizer.save_pretrained(tmp)
+        provenance = {
+            "source": str(stitched_dir.resolve()),
+            "hub_sha256": info["hub"]["sha256"],
+            "experts_sha256": {n: e["sha256"] for n, e in info["experts"].items()},
+        }
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return out_dir
