@@ -270,3 +270,16 @@ def test_bad_ablation_overlays_are_one_line(smoke_run, tmp_path, content, messag
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_inference_options_of_the_config_reach_stitched_models(smoke_run):
+    from bts.compare import configure
+    from bts.config import InferenceConfig
+    from bts.stages import Run
+
+    run = Run.load(smoke_run)
+    off = InferenceConfig(batched=False, assistant=None, prune_threshold=0.2)
+    run.config = run.config.model_copy(update={"inference": off})
+    model = configure(StitchedModel.from_pretrained(smoke_run / "stitched"), run)
+    assert model.batched_reason == "batched is off"
+    assert model.default_assistant is None and model.prune_threshold == 0.2

@@ -86,7 +86,7 @@ def _merge(base: dict, overlay: dict) -> dict:
 
 def ablate(run: Run, paths: list[Path]) -> Path:
     """Train and evaluate each ablation, add it to report.json, and re-render the report."""
-    from bts.compare import evaluate_system, read_report
+    from bts.compare import configure, evaluate_system, read_report
 
     ablations = [load_ablation(p, run.config) for p in paths]  # all validated before any work
     report = read_report(run)
@@ -94,7 +94,7 @@ def ablate(run: Run, paths: list[Path]) -> Path:
     for ab in tqdm(ablations, desc="ablate", unit="ablation"):
         stage = f"ablations/{ab.name}"
         stitched = train_stitched(run, ab.config, run.path("ablations", ab.name, "stitched"), stage)
-        model = StitchedModel.from_pretrained(stitched)
+        model = configure(StitchedModel.from_pretrained(stitched), run)
         model.train_only()
         summary = evaluate_system(run, ab.name, model, stage, tasks=["loss", "humaneval_loss"])
         results[ab.name] = {"description": ab.description, "overlay": ab.overlay, **summary}

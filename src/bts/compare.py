@@ -232,7 +232,7 @@ def compare(run: Run) -> Path:
     records: list[dict] = []
     gates = None
     for name, load, stage in tqdm(list(systems(run)), desc="evaluate", unit="system"):
-        model = load()
+        model = configure(load(), run)
         _trained_params(name, model, run)
         summary = evaluate_system(run, name, model, stage)
         records += summary.pop("records")
@@ -249,6 +249,14 @@ def compare(run: Run) -> Path:
     if gates is not None:
         write_json(run.path("gates.json"), gates)
     return write_report(run.root)
+
+
+def configure(model: torch.nn.Module, run: Run) -> torch.nn.Module:
+    """Apply the run's inference options to a stitched model (other systems are untouched)."""
+    if isinstance(model, StitchedModel):
+        options = run.config.inference.model_dump()
+        model.set_inference(**options)
+    return model
 
 
 def load_system(path: Path) -> torch.nn.Module:
@@ -271,7 +279,7 @@ def evaluate_paths(run_dir: Path, paths: list[Path]) -> list[dict]:
     held_out = {d: data.held_out.array for d, data in run.corpus.items()}
     records: list[dict] = []
     for path in paths:
-        model = load_system(path)
+        model = configure(load_system(path), run)
         records += evaluate_models(
             {str(path): model},
             run.tokenizer,

@@ -133,6 +133,17 @@ class EvalConfig(Strict):
     gate_sample_tokens: int = 64
 
 
+class InferenceConfig(Strict):
+    """How stitched models run when evaluated (docs/inference.md); outputs stay the same except
+    with pruning, which is off by default."""
+
+    batched: bool = True  # constituents as one batch over stacked weights
+    assistant: Literal["hub"] | None = "hub"  # speculative drafter for greedy decoding
+    num_assistant_tokens: int = Field(4, ge=1)
+    assistant_max_batch: int = Field(1, ge=1)  # larger batches decode without a drafter
+    prune_threshold: float | None = Field(None, ge=0, lt=1)
+
+
 class RunConfig(Strict):
     seed: int = 0
     data: DataConfig = DataConfig()
@@ -141,6 +152,7 @@ class RunConfig(Strict):
     stitch: StitchConfig = StitchConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     eval: EvalConfig = EvalConfig()
+    inference: InferenceConfig = InferenceConfig()
 
     @property
     def expert_domains(self) -> list[str]:
