@@ -171,13 +171,44 @@ def _trained_params(name: str, model, run: Run) -> None:
         model.requires_grad_(False)  # merges, btm, bts-minus: nothing trained
 
 
+SWITCH = "domain_switch"
+
+
+def held_out_sets(run: Run) -> dict[str, np.ndarray]:
+    """Each domain's held-out rows, plus `domain_switch` when there are several domains."""
+    held = {d: data.held_out.array for d, data in run.corpus.items()}
+    if len(held) > 1:
+        held[SWITCH] = switch_rows(held, run.config.eval.max_sequences)
+    return held
+
+
+def switch_rows(held: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Rows whose first half is one domain's held-out text and second half the next domain's.
+
+    The paper shows gates following a prompt that switches domain mid-way; a system that picks
+    one model per sequence (expert routing) or weighs models by the whole context (BTM) cannot
+    switch as fast, and single-domain rows would never show it. Rows cycle through the domain
+    pairs (code->prose, prose->math, ...), each row from distinct held-out rows.
+    """
+    domains = list(held)
+    rows = []
+    for i in range(n):
+        first, second = held[domains[i % len(domains)]], held[domains[(i + 1) % len(domains)]]
+        k = i // len(domains)
+        a, b = first[k % len(first)], second[(k + 1) % len(second)]
+        half = len(a) // 2
+        rows.append(np.concatenate([a[:half], b[half:]]))
+    return np.stack(rows).astype(np.int64)
+
+
 def gate_analysis(run: Run, model: StitchedModel) -> dict:
-    """Experts-into-hub gates per eval domain: mean per layer, and per token for one sample."""
+    """Experts-into-hub gates per eval set: mean per layer, and per token for one sample (for
+    the domain-switch set, a window around the switch)."""
     tok, n_tokens = run.tokenizer, run.config.eval.gate_sample_tokens
     out: dict = {"layer_mean": {}, "tokens": {}}
     model.eval()
-    for domain, data in run.corpus.items():
-        rows = np.asarray(data.held_out.array[: run.config.eval.max_sequences]).astype(np.int64)
+    for domain, array in held_out_sets(run).items():
+        rows = np.asarray(array[: run.config.eval.max_sequences]).astype(np.int64)
         with torch.inference_mode():
             gates = model(torch.from_numpy(rows), return_gates=True).gates
         e2h = [g for g in gates if g.kind == EXPERTS_INTO_HUB]
@@ -186,12 +217,13 @@ def gate_analysis(run: Run, model: StitchedModel) -> dict:
             "sources": e2h[-1].sources,
             "weights": [g.weights.mean(dim=(0, 1)).tolist() for g in e2h],
         }
-        sample = rows[0, :n_tokens]
+        start = max(0, rows.shape[1] // 2 - n_tokens // 2) if domain == SWITCH else 0
+        window = slice(start, start + n_tokens)
         out["tokens"][domain] = {
             "layer": e2h[-1].after_layer,
             "sources": e2h[-1].sources,
-            "tokens": [tok.decode([t]) for t in sample],
-            "weights": e2h[-1].weights[0, :n_tokens].tolist(),
+            "tokens": [tok.decode([t]) for t in rows[0, window]],
+            "weights": e2h[-1].weights[0, window].tolist(),
         }
     return out
 
@@ -200,7 +232,7 @@ def evaluate_system(
     run: Run, name: str, model, stage: str | None, tasks: list[str] | None = None
 ) -> dict:
     """Evaluate one system on the run's held-out data and tasks; its report.json entry."""
-    held_out = {d: data.held_out.array for d, data in run.corpus.items()}
+    held_out = held_out_sets(run)
     found = evaluate_models(
         {name: model},
         run.tokenizer,
@@ -276,7 +308,7 @@ def _math_problems(run: Run) -> list[tuple[str, str]]:
 def evaluate_paths(run_dir: Path, paths: list[Path]) -> list[dict]:
     """`bts eval`: models from directories, evaluated on a run's held-out data and tasks."""
     run = Run.load(run_dir)
-    held_out = {d: data.held_out.array for d, data in run.corpus.items()}
+    held_out = held_out_sets(run)
     records: list[dict] = []
     for path in paths:
         model = configure(load_system(path), run)

@@ -29,6 +29,7 @@ MERGES = ("linear", "task_arithmetic", "ties", "dare_ties")
 # the paper's other alternatives, in its Table 3 order (btx is an alias of a btx_* variant)
 OTHERS = ("btm", "expert_routing", "btx_soft", "btx_top1", "btx_top2", "btx", "bam")
 ABLATIONS_PREFIX = "ablations/"
+SWITCH_SETS = ("domain_switch",)  # held-out rows that change domain mid-way (bts.compare)
 MAX_TOKENS = 64  # per-token gate plot: wider figures make unreadable labels
 MAX_TOKEN_CHARS = 10
 EMA_SPANS = 30  # a training curve is smoothed by an EMA spanning 1/30 of its points
@@ -237,20 +238,28 @@ def _ablation_section(report: Mapping[str, Any], images: Mapping[str, str]) -> s
     domains = list(report["domains"])
     base = report["systems"].get("bts")
     base_avg = _number(average_loss(base, domains)) if base else None
+    # extra held-out sets (e.g. domain_switch) after the average, as in the results table
+    extras = [k for k in _loss_keys(report, ["bts"] if base else [])[1] if k in SWITCH_SETS]
     rows = []
     if base is not None:
-        rows.append(["`bts` (run config)", "", *_ablation_cells(base, domains), DASH])
+        rows.append(["`bts` (run config)", "", *_ablation_cells(base, domains, extras), DASH])
     for name, entry in ablations.items():
         avg = _number(average_loss(entry, domains))
         delta = _fmt_delta(avg - base_avg) if avg is not None and base_avg is not None else DASH
         rows.append(
-            [f"`{name}`", entry.get("description", ""), *_ablation_cells(entry, domains), delta]
+            [
+                f"`{name}`",
+                entry.get("description", ""),
+                *_ablation_cells(entry, domains, extras),
+                delta,
+            ]
         )
     header = [
         "ablation",
         "what changed",
         *[f"{d} loss ↓" for d in domains],
         "avg loss ↓",
+        *[f"{k} ↓" for k in extras],
         "train tokens",
         "Δ avg vs bts",
     ]
@@ -265,13 +274,17 @@ def _ablation_section(report: Mapping[str, Any], images: Mapping[str, str]) -> s
     return "\n\n".join(parts)
 
 
-def _ablation_cells(entry: Mapping[str, Any], domains: Sequence[str]) -> list[str]:
+def _ablation_cells(
+    entry: Mapping[str, Any], domains: Sequence[str], extras: Sequence[str] = ()
+) -> list[str]:
     losses = [_number(entry.get("loss", {}).get(d)) for d in domains]
+    more = [_number(entry.get("loss", {}).get(k)) for k in extras]
     avg = _number(average_loss(entry, domains))
     tokens = _number(entry.get("train_tokens"))
     return [
         *[DASH if v is None else _fmt_loss(v) for v in losses],
         DASH if avg is None else _fmt_loss(avg),
+        *[DASH if v is None else _fmt_loss(v) for v in more],
         DASH if tokens is None else _fmt_count(tokens),
     ]
 
