@@ -31,7 +31,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.masking_utils import sdpa_mask
 
-from bts.models import _layer_types
+from bts.models import layer_types
 
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -71,7 +71,7 @@ def unstackable_reason(models: list[nn.Module], depth: int) -> str | None:
         layers = model.model.layers[: depth if i else None]
         if any(type(layer).__name__ not in SUPPORTED_LAYERS for layer in layers):
             return f"constituent {i}: decoder layer {type(layers[0]).__name__} is not supported"
-        if any(t != "full_attention" for t in _layer_types(config)):
+        if any(t != "full_attention" for t in layer_types(config)):
             return f"constituent {i}: sliding-window attention is not supported"
         params = [p for layer in layers for p in layer.parameters()]
         if any(p.dtype != first.dtype or p.device != first.device for p in params):

@@ -57,7 +57,7 @@ class Decoder:
             past_key_values=cache,
             position_ids=position_ids,
         )
-        types = _layer_types(config)
+        types = layer_types(config)
         masks = (
             {"full_attention": create_causal_mask(**kwargs)} if "full_attention" in types else {}
         )
@@ -70,7 +70,7 @@ class Decoder:
         return self.model.lm_head(self.inner.norm(hidden))
 
 
-def _layer_types(config) -> list[str]:
+def layer_types(config) -> list[str]:
     types = getattr(config, "layer_types", None)
     if types:
         return list(types)[: config.num_hidden_layers]

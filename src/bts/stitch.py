@@ -41,7 +41,7 @@ from bts.batched import (
     unstackable_reason,
 )
 from bts.errors import BtsError
-from bts.models import Decoder, _layer_types, check_compatible, decoder, freeze
+from bts.models import Decoder, check_compatible, decoder, freeze, layer_types
 
 StitchKind = Literal["experts_into_hub", "hub_into_experts"]
 EXPERTS_INTO_HUB: StitchKind = "experts_into_hub"
@@ -761,7 +761,7 @@ class StitchedModel(nn.Module):
     def _assistant(self, assistant_model, do_sample: bool, use_cache: bool, rows: int):
         """The drafter to use, or None; an explicit assistant with sampling is refused."""
         sliding = any(
-            "sliding_attention" in _layer_types(m.config) for m in self._constituents()
+            "sliding_attention" in layer_types(m.config) for m in self._constituents()
         )  # a sliding-window cache cannot be rolled back past its window
         if assistant_model is _UNSET:  # the default quietly steps aside where it cannot apply
             usable = not do_sample and use_cache and not sliding
