@@ -276,3 +276,50 @@ def test_report_without_gates_or_logs(tmp_path: Path) -> None:
         "report.json",
         "report.md",
     ]
+
+
+def test_ablation_table_deltas_switch_column_and_paired_curves(tmp_path: Path) -> None:
+    systems = {
+        "bts": _system([1.45, 1.70, 2.00], {}, loss_extra={"domain_switch": 2.5}),
+        "btx_top2": _system([1.61, 1.83, 2.31], {}),
+        "btx": {"alias_of": "btx_top2", **_system([1.61, 1.83, 2.31], {})},
+    }
+    ablations = {
+        "stitches_1": {
+            "description": "one layer",
+            "overlay": {"num_stitches": 1},
+            **_system([1.50, 1.70, 2.03], {}, loss_extra={"domain_switch": 2.6}),
+        },
+        "general_data": {
+            "description": "55% prose",
+            "overlay": {"domains": ["code", "math"]},
+            **_system([1.40, 1.60, 1.90], {}),
+        },
+    }
+    report = {"systems": systems, "domains": DOMAINS, "ablations": ablations}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    _write_log(tmp_path / "train" / "stitch" / "metrics.jsonl", per_step_tokens=False)
+    for name in ablations:
+        _write_log(tmp_path / "train" / "ablations" / name / "metrics.jsonl", False)
+    md = write_report(tmp_path).read_text()
+    rows = {r["ablation"].strip("`"): r for r in _tables(md)["Ablations"]}
+    assert rows["stitches_1"]["Δ avg vs bts"] == f"{(1.50 + 1.70 + 2.03 - 5.15) / 3:+.4f}"
+    assert rows["general_data"]["Δ avg vs bts"] == f"{(1.40 + 1.60 + 1.90 - 5.15) / 3:+.4f}"
+    assert rows["stitches_1"]["domain_switch ↓"] == "2.6000"
+    assert rows["general_data"]["domain_switch ↓"] == "–"
+    assert "ablation_curves.png" in md
+    results = [r["system"].strip("`") for r in _tables(md)["Results"]]
+    assert "btx" not in results and "btx_top2" in results  # an alias is not a second row
+    assert "`btx` is `btx_top2`" in md
+    from bts.report import _paired_ablations, load_curves
+
+    curves = {
+        k.removeprefix("ablations/"): c
+        for k, c in load_curves(
+            {
+                f"ablations/{n}": tmp_path / "train" / "ablations" / n / "metrics.jsonl"
+                for n in ablations
+            }
+        ).items()
+    }
+    assert _paired_ablations(report, curves) == ["stitches_1"]  # general_data saw other batches
