@@ -7,6 +7,7 @@ new architecture is one adapter, not edits across the stitching code.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,3 +149,32 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> PreTra
     except (OSError, ValueError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BtsError(f"cannot load model from {path} ({first}): re-save it") from err
+
+
+def constituent_entry(model: nn.Module, role: str, directory: Path) -> dict:
+    """A manifest entry for a frozen constituent: its directory relative to `directory` (so the
+    two can move together), the SHA-256 of its weights and its dtype."""
+    location = getattr(model, "name_or_path", "") or ""
+    if not location or not (Path(location) / "config.json").is_file():
+        raise BtsError(
+            f"{role} has no saved location ('{location}'): save it with save_pretrained and load "
+            "it from that directory first"
+        )
+    return {
+        "path": os.path.relpath(Path(location).resolve(), Path(directory).resolve()),
+        "sha256": weights_sha256(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def load_constituent(directory: Path, entry: dict, role: str, since: str, redo: str):
+    """Load a manifest entry's model, refusing it if its weights changed: parameters trained
+    against other weights (stitch layers, a router) would silently compute something else."""
+    location = (Path(directory) / entry["path"]).resolve()
+    model = load_causal_lm(location, dtype=getattr(torch, entry.get("dtype", "float32")))
+    if weights_sha256(model) != entry["sha256"]:
+        raise BtsError(
+            f"{role} at {location} changed since {since} (SHA-256 mismatch): restore its "
+            f"weights or {redo}"
+        )
+    return model

@@ -9,40 +9,19 @@ layers trained against other weights would silently compute something else.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bts.errors import BtsError
 from bts.fileio import atomic_dir
-from bts.models import load_causal_lm, weights_sha256
+from bts.models import constituent_entry, load_constituent
 from bts.stitch import StitchedModel, StitchPoint
 
 MANIFEST = "bts_stitch.json"
 WEIGHTS = "stitch.safetensors"
 FORMAT = "bts-stitched-model"
-
-
-def _constituent_path(model, role: str) -> Path:
-    location = getattr(model, "name_or_path", "") or ""
-    if not location or not (Path(location) / "config.json").is_file():
-        raise BtsError(
-            f"{role} has no saved location ('{location}'): save it with save_pretrained and load it "
-            "from that directory before stitching"
-        )
-    return Path(location).resolve()
-
-
-def _entry(model, role: str, directory: Path) -> dict:
-    location = _constituent_path(model, role)
-    return {
-        "path": os.path.relpath(location, directory.resolve()),
-        "sha256": weights_sha256(model),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-    }
 
 
 def manifest(model: StitchedModel, directory: Path) -> dict:
@@ -53,8 +32,10 @@ def manifest(model: StitchedModel, directory: Path) -> dict:
         "placement": [[p.after_layer, p.kind] for p in model.placement],
         "gate_dropout": model.gate_dropout,
         "gate_gain": model.gate_gain,
-        "hub": _entry(model.hub, "the hub", directory),
-        "experts": {n: _entry(m, f"expert '{n}'", directory) for n, m in model.experts.items()},
+        "hub": constituent_entry(model.hub, "the hub", directory),
+        "experts": {
+            n: constituent_entry(m, f"expert '{n}'", directory) for n, m in model.experts.items()
+        },
     }
 
 
@@ -83,14 +64,7 @@ def read_manifest(directory: Path) -> dict:
 
 
 def _load_verified(directory: Path, entry: dict, role: str):
-    location = (directory / entry["path"]).resolve()
-    model = load_causal_lm(location, dtype=getattr(torch, entry.get("dtype", "float32")))
-    if weights_sha256(model) != entry["sha256"]:
-        raise BtsError(
-            f"{role} at {location} changed since it was stitched (SHA-256 mismatch): restore the "
-            "original weights or stitch again"
-        )
-    return model
+    return load_constituent(directory, entry, role, "it was stitched", "stitch again")
 
 
 def load_stitched(directory: Path) -> StitchedModel:

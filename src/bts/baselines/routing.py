@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from bts.baselines import check_family
 from bts.baselines.btm import SEED
 from bts.errors import BtsError
 from bts.fileio import atomic_dir
-from bts.models import freeze, load_causal_lm, weights_sha256
+from bts.models import constituent_entry, freeze, load_causal_lm, load_constituent
 from bts.stitch import causal_lm_loss
 
 MANIFEST = "bts_routing.json"
@@ -270,21 +269,6 @@ def build_routing(
     return RouterTrainer(spec, models)
 
 
-def _entry(model: PreTrainedModel, name: str, directory: Path) -> dict:
-    """Where a constituent lives (relative to the saved directory) and what its weights were."""
-    location = getattr(model, "name_or_path", "") or ""
-    if not location or not (Path(location) / "config.json").is_file():
-        raise BtsError(
-            f"constituent {name!r} has no saved location ({location!r}): load it from a "
-            "save_pretrained directory before saving the router"
-        )
-    return {
-        "path": os.path.relpath(Path(location).resolve(), directory.resolve()),
-        "sha256": weights_sha256(model),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-    }
-
-
 def save_routing(model: RouterTrainer | RoutedModel, out_dir: Path) -> None:
     """Write `router.safetensors` and the `bts_routing.json` manifest atomically."""
     with atomic_dir(Path(out_dir)) as tmp:
@@ -292,7 +276,9 @@ def save_routing(model: RouterTrainer | RoutedModel, out_dir: Path) -> None:
             "format": FORMAT,
             "version": 1,
             "names": model.names,
-            "constituents": {n: _entry(m, n, tmp) for n, m in model.models.items()},
+            "constituents": {
+                n: constituent_entry(m, f"constituent {n!r}", tmp) for n, m in model.models.items()
+            },
             "spec": model.spec.model_dump(),
         }
         weights = {k: v.detach().cpu().contiguous() for k, v in model.router.state_dict().items()}
@@ -323,14 +309,13 @@ def _read_manifest(directory: Path) -> tuple[dict, RoutingSpec]:
 
 
 def _load_verified(directory: Path, name: str, entry: dict) -> PreTrainedModel:
-    location = (directory / entry["path"]).resolve()
-    model = load_causal_lm(location, dtype=getattr(torch, entry.get("dtype", "float32")))
-    if weights_sha256(model) != entry["sha256"]:
-        raise BtsError(
-            f"constituent {name!r} at {location} changed since the router was trained "
-            "(SHA-256 mismatch): restore its weights or train the router again"
-        )
-    return model
+    return load_constituent(
+        directory,
+        entry,
+        f"constituent {name!r}",
+        "the router was trained",
+        "train the router again",
+    )
 
 
 def _load_router(directory: Path, hidden: int, n_models: int) -> nn.Linear:
