@@ -51,3 +51,12 @@ def arch(request) -> str:
 def make_model():
     """Factory fixture: `make_model(arch, seed, **config_overrides)`."""
     return tiny_model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread; more only contend with other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,6 +16,8 @@ import bts.train as bt
 from bts.errors import BtsError
 from bts.train import TrainConfig, TrainResult, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 CFG = TrainConfig(
     steps=6, lr=1e-2, warmup_steps=2, grad_accum=2, checkpoint_every=2, log_every=1, seed=3
 )
@@ -37,15 +39,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread; more only contend with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ from bts.train import TrainConfig, train
 
 from . import branch, save, tiny_seed
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 SEQ = 32
 HALF = 64  # domain "low" uses tokens [0, 64), domain "high" tokens [64, 128)
 SPEC = RoutingSpec(min_prefix=8, max_prefix=SEQ, eval_prefix=16)
@@ -55,14 +57,6 @@ def specialise(model, domain: int, steps: int = 30):
         optimizer.step()
         optimizer.zero_grad()
     return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
