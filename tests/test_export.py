@@ -193,7 +193,7 @@ def test_bad_inputs_are_one_clear_error(exported, tmp_path):
     with pytest.raises(BtsError, match="bts_stitch.json"):
         export(tmp_path, tmp_path / "out")
     for target in (stitched, stitched.parent / "math", stitched.parent):
-        with pytest.raises(BtsError, match="export target .* holds"):
+        with pytest.raises(BtsError, match="output .* would overwrite"):
             export(stitched, target)
     # a copy whose expert is missing, then changed
     root = tmp_path / "copy"

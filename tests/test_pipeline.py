@@ -149,7 +149,7 @@ def test_add_then_remove_expert_returns_the_original_logits(smoke_run, tmp_path)
     [
         (
             "seed_model: {kind: tiny, hidden_sise: 64}\n",
-            "unknown key 'seed_model.tiny.hidden_sise'",
+            "unknown key 'seed_model.hidden_sise'",
         ),
         ("stitch: {batch_size: many}\n", "stitch.batch_size"),
         ("seed_model: {kind: pretrained, path: /no/such/model}\n", "does not exist"),

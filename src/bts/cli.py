@@ -26,6 +26,9 @@ Out = Annotated[
     Path | None, typer.Option("--out", help="Run directory (default runs/<config name>)")
 ]
 RunDir = Annotated[Path, typer.Argument(help="A run directory made by `bts run`")]
+Force = Annotated[
+    bool, typer.Option("--force", help="Replace an existing output that bts did not write")
+]
 
 
 def _friendly(fn):
@@ -39,6 +42,14 @@ def _friendly(fn):
             return fn(*args, **kwargs)
         except BtsError as err:
             typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as err:  # a full disk, a read-only folder, a path that is a file
+            where = f" {err.filename}" if err.filename else ""
+            typer.echo(
+                f"error: cannot use{where}: {err.strerror or err}; check the path, its "
+                "permissions and free space",
+                err=True,
+            )
             raise typer.Exit(1) from None
 
     return wrapper
@@ -129,10 +140,12 @@ def baselines(config: Config, out: Out = None) -> None:
 @_friendly
 def report(run_dir: RunDir) -> None:
     """Evaluate every system of a run and write report.json, report.md and plots."""
-    from bts.compare import compare
+    from bts.compare import compare, require_complete
     from bts.stages import Run
 
-    _timed("report", compare, Run.load(run_dir))
+    run = Run.load(run_dir)
+    require_complete(run)  # `bts report` evaluates; it never trains a missing stage
+    _timed("report", compare, run)
 
 
 @app.command()
@@ -173,13 +186,17 @@ def add_expert(
     steps: Annotated[
         int | None, typer.Option(help="Training steps (default: the stitch stage's)")
     ] = None,
+    force: Force = False,
 ) -> None:
     """Stitch in a new expert, training only its stitch parameters; the old model stays intact."""
     from bts.stages import Run
     from bts.stages import add_expert as stage
 
+    if steps is not None and steps < 1:
+        raise BtsError(f"--steps is {steps}: give at least 1 training step (or omit it)")
     r = Run.load(run_dir)
-    _timed("add-expert", stage, r, stitched or r.path("stitched"), name, expert, out, steps)
+    where = stitched or r.path("stitched")
+    _timed("add-expert", stage, r, where, name, expert, out, steps, force)
 
 
 @app.command("remove-expert")
@@ -188,11 +205,12 @@ def remove_expert(
     stitched: Annotated[Path, typer.Argument(help="A stitched model directory")],
     name: Annotated[str, typer.Argument(help="Expert to remove")],
     out: Annotated[Path, typer.Option(help="Where to write the new stitched model")],
+    force: Force = False,
 ) -> None:
     """Drop an expert with no training; the old stitched model stays intact."""
     from bts.stages import remove_expert as stage
 
-    _timed("remove-expert", stage, stitched, name, out)
+    _timed("remove-expert", stage, stitched, name, out, force)
 
 
 @app.command("eval")
@@ -205,7 +223,9 @@ def evaluate(
     """Evaluate causal LMs or stitched models on the run's held-out data and tasks."""
     from bts.compare import evaluate_paths
     from bts.evaluate import format_table, write_records
+    from bts.fileio import check_writable
 
+    check_writable(out)  # before the evaluation, so its results are never lost
     records = evaluate_paths(Path(run_dir), models)
     write_records(records, out)
     typer.echo(format_table(records))
@@ -216,11 +236,12 @@ def evaluate(
 def export_model(
     stitched: Annotated[Path, typer.Argument(help="A stitched model directory")],
     out: Annotated[Path, typer.Argument(help="Where to write the Hugging Face model directory")],
+    force: Force = False,
 ) -> None:
     """Write a self-contained Hugging Face model directory (AutoModelForCausalLM loads it)."""
     from bts.export import export
 
-    _timed("export", export, stitched, out)
+    _timed("export", export, stitched, out, force)
 
 
 @app.command("lm-eval")
@@ -242,7 +263,13 @@ def lm_eval(
     ] = False,
 ) -> None:
     """Run lm-evaluation-harness tasks (bts_math ships with bts) on a model."""
+    from bts.fileio import check_writable
     from bts.harness import run_lm_eval, summary_table
+
+    if out is not None:
+        check_writable(out)
+    if limit is not None and limit < 1:
+        raise BtsError(f"--limit is {limit}: give at least 1 example per task (or omit it)")
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     start = time.perf_counter()
@@ -286,6 +313,8 @@ def data_sample(
     """Print a few documents of a domain."""
     from bts.data.domains import sample_documents
 
+    if n < 1 or chars < 1:
+        raise BtsError(f"--n is {n} and --chars {chars}: both must be at least 1")
     for i, text in enumerate(sample_documents(domain, n, seed)):
         typer.echo(f"--- {domain} #{i} ---\n{text[:chars]}\n")
 

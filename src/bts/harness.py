@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bts.errors import BtsError
-from bts.fileio import write_text
+from bts.fileio import process_tempdir, write_text
 
 DEFAULT_MATH_EXAMPLES = 200  # EvalLimits.math_examples: what `bts eval` scores by default
 DEFAULT_SEED = 0  # the seed of every shipped config
@@ -124,7 +123,7 @@ def run_lm_eval(
     start = time.perf_counter()
     from lm_eval import simple_evaluate
 
-    with tempfile.TemporaryDirectory(prefix="bts-lm-eval-") as workdir:
+    with process_tempdir("bts-lm-eval-") as workdir:
         include = [Path(include_path).resolve()] if include_path else []
         if "bts_math" in tasks:
             from bts.tasks import write_math_task

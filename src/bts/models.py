@@ -132,8 +132,21 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Weight files of a model directory that bts reads (one file, or shards listed by the index),
+# and suffixes of the pickled or foreign weight files it refuses (named in the error).
+_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack")
+
+# The dtypes a manifest entry may name: what constituent_entry writes and load_constituent reads.
+MANIFEST_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a causal LM from a local directory (safetensors) or a local `.gguf` file."""
+    """Load a causal LM from a local directory (safetensors only) or a local `.gguf` file.
+
+    Weight files are never unpickled: a pickle (`pytorch_model.bin`, `*.pt`) can run arbitrary
+    code when loaded, so a directory without safetensors weights is refused, not loaded.
+    """
     path = Path(path)
     if not path.exists():
         raise BtsError(f"model not found at {path}: give a directory saved with save_pretrained")
@@ -144,8 +157,15 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> PreTra
         return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     if not (path / "config.json").is_file():
         raise BtsError(f"{path} has no config.json: give a directory saved with save_pretrained")
+    if not any((path / name).is_file() for name in _SAFETENSORS):
+        others = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLES and p.is_file())
+        found = f"only {', '.join(others)}" if others else "no weight files at all"
+        raise BtsError(
+            f"{path} has no safetensors weights ({found}): bts never unpickles weight files; "
+            "convert it with `save_pretrained(..., safe_serialization=True)`"
+        )
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BtsError(f"cannot load model from {path} ({first}): re-save it") from err
@@ -160,18 +180,33 @@ def constituent_entry(model: nn.Module, role: str, directory: Path) -> dict:
             f"{role} has no saved location ('{location}'): save it with save_pretrained and load "
             "it from that directory first"
         )
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if dtype not in MANIFEST_DTYPES:
+        raise BtsError(
+            f"{role} has dtype {dtype}, which a manifest cannot record: convert it to one of "
+            f"{', '.join(MANIFEST_DTYPES)} (model.to(torch.float32)) first"
+        )
     return {
         "path": os.path.relpath(Path(location).resolve(), Path(directory).resolve()),
         "sha256": weights_sha256(model),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": dtype,
     }
 
 
 def load_constituent(directory: Path, entry: dict, role: str, since: str, redo: str):
     """Load a manifest entry's model, refusing it if its weights changed: parameters trained
-    against other weights (stitch layers, a router) would silently compute something else."""
+    against other weights (stitch layers, a router) would silently compute something else.
+
+    The caller has checked the entry's shape (path and sha256 strings); the dtype is checked
+    here, so a hand-edited one is refused rather than looked up as any attribute of `torch`."""
+    name = entry.get("dtype", "float32")
+    if not isinstance(name, str) or name not in MANIFEST_DTYPES:
+        raise BtsError(
+            f"{role} has dtype {name!r} in its manifest, not one of "
+            f"{', '.join(MANIFEST_DTYPES)}: {redo}"
+        )
     location = (Path(directory) / entry["path"]).resolve()
-    model = load_causal_lm(location, dtype=getattr(torch, entry.get("dtype", "float32")))
+    model = load_causal_lm(location, dtype=MANIFEST_DTYPES[name])
     if weights_sha256(model) != entry["sha256"]:
         raise BtsError(
             f"{role} at {location} changed since {since} (SHA-256 mismatch): restore its "

@@ -13,6 +13,7 @@ there and continues an interrupted stage from its training checkpoint in `RUN/tr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,23 +28,27 @@ from accelerate import PartialState
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from bts.config import MixConfig, RunConfig, StitchConfig, dump_config
-from bts.data.domains import train_texts
+from bts.data.domains import BUILTIN_DOMAINS, load_domain, train_texts
 from bts.data.mixes import MixSampler, mix_weights
 from bts.data.packing import DomainData, build_corpus
 from bts.data.tokenizer import load_tokenizer, train_tokenizer
 from bts.errors import BtsError
-from bts.fileio import atomic_dir
+from bts.fileio import atomic_dir, check_replaceable, check_target, lock_run, write_text
 from bts.models import freeze_output_space, load_causal_lm
 from bts.stitch import (
     EXPERTS_INTO_HUB,
     StitchedModel,
+    StitchPoint,
+    check_placement,
     default_placement,
     random_initialisation,
 )
+from bts.stitch_io import stitched_inputs
 from bts.train import RESULT, TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
 STAGE_MARKER = "bts_stage.json"
+STAGE_OUTPUTS = ("tokenizer", "seed", "branches", "experts", "stitched", "baselines", "train")
 
 
 def once(fn: Callable, *args, **kwargs) -> None:
@@ -71,27 +76,68 @@ class Run:
 
     @classmethod
     def open(cls, config: RunConfig, root: Path) -> Run:
-        """Create or reopen a run directory; refuse one that holds a different config."""
+        """Create or reopen a run directory, holding its lock; refuse one that holds a different
+        config, or a folder that is not a run. Nothing is written before `preflight` passes."""
         root = Path(root)
         saved = root / "config.yaml"
-        text = dump_config(config)
+        if root.exists() and not root.is_dir():
+            raise BtsError(f"--out {root} is a file: give a directory for the run")
+        if root.is_dir() and any(root.iterdir()) and not saved.is_file():
+            raise BtsError(
+                f"{root} is not empty and is not a bts run directory (no config.yaml): choose a "
+                "new or empty --out directory"
+            )
+        _check_run_root(root, _inputs(config))
+        preflight(config)
+        lock_run(root)
         # compared parsed, so a run made before a new option (with its default) still reopens
         if saved.is_file() and _saved_config(saved) != config:
-            raise BtsError(
-                f"{root} holds a run with a different config ({saved}): use another --out "
-                "directory, or delete that one to start over"
-            )
-        root.mkdir(parents=True, exist_ok=True)
+            if any(root.joinpath(part).exists() for part in STAGE_OUTPUTS):
+                raise BtsError(
+                    f"{root} holds a run with a different config ({saved}): use another --out "
+                    "directory, or delete that one to start over"
+                )
+            saved.unlink()  # a run that produced nothing yet takes the corrected config
+        run = cls(config, root)
+        for path, kind in run.outputs().items():  # before any training, not after it
+            check_target(path, run.inputs)
+            check_replaceable(path, kind, force=None)
         if not saved.is_file():
-            saved.write_text(text)
-        return cls(config, root)
+            write_text(saved, dump_config(config))
+        return run
 
     @classmethod
-    def load(cls, root: Path) -> Run:
+    def load(cls, root: Path, lock: bool = True) -> Run:
+        """An existing run directory; `lock=False` only for readers that write nothing there."""
         saved = Path(root) / "config.yaml"
         if not saved.is_file():
             raise BtsError(f"{root} is not a run directory (no config.yaml): run `bts run` first")
-        return cls(_saved_config(saved), Path(root))
+        run = cls(_saved_config(saved), Path(root))
+        if lock:
+            lock_run(run.root)
+        return run
+
+    def outputs(self) -> dict[Path, str]:
+        """Every directory the config's stages write, with the kind of bts output it is."""
+        config, baselines = self.config, self.config.baselines
+        names = ["seed", *(f"branches/{d}" for d in config.expert_domains)]
+        names += [f"experts/{d}" for d in config.expert_domains]
+        names += [f"baselines/{m.method}" for m in baselines.merges]
+        if baselines.btx is not None:
+            names += [f"baselines/btx_{r}" for r in baselines.btx_variants]
+        if baselines.bam is not None:
+            names.append("baselines/bam")
+        out = {self.path(n): "model" for n in names}
+        out[self.path("tokenizer")] = "tokenizer"
+        out[self.path("stitched")] = "stitched"
+        if baselines.expert_routing is not None:
+            out[self.path("baselines", "expert_routing")] = "routing"
+        return out
+
+    @property
+    def inputs(self) -> dict[str, Path]:
+        """What the run reads from outside: user data and a pretrained seed (never written)."""
+        return _inputs(self.config)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -110,7 +156,7 @@ class Run:
     def corpus(self) -> dict[str, DomainData]:
         data = self.config.data
         return build_corpus(
-            data.domains,
+            data.sources,
             self.tokenizer,
             data.seq_len,
             self.cache_dir,
@@ -142,6 +188,91 @@ def _saved_config(path: Path) -> RunConfig:
     return load_config(path)
 
 
+def _inputs(config: RunConfig) -> dict[str, Path]:
+    inputs = {
+        f"the data of domain '{name}'": Path(source).expanduser()
+        for name, source in config.data.sources.items()
+        if source not in BUILTIN_DOMAINS
+    }
+    seed = config.seed_model
+    if seed.kind == "pretrained" and seed.path is not None:
+        inputs["the pretrained seed"] = Path(seed.path).expanduser()
+    return inputs
+
+
+def _check_run_root(root: Path, inputs: dict[str, Path]) -> None:
+    """A run may sit beside its inputs, never inside them (the run's files would join them)."""
+    resolved = root.resolve()
+    for role, path in inputs.items():
+        path = path.resolve()
+        if resolved == path or resolved.is_relative_to(path):
+            raise BtsError(f"run directory {root} lies inside {role} ({path}): choose another --out")
+
+
+# --- validation before any work --------------------------------------------------------------
+
+
+def preflight(config: RunConfig) -> None:
+    """Every check that needs more than the config itself, before anything is built or written:
+    the seed's depth and positions (read from its config, no weights) against the stitch
+    placement and `data.seq_len`, and every user domain's text."""
+    layers, positions = seed_shape(config.seed_model, config.data.seq_len)
+    spec = config.stitch
+    count = layers if spec.num_stitches == "all" else spec.num_stitches
+    if spec.placement is not None:
+        check_placement([StitchPoint(a, k) for a, k in spec.placement], layers)
+    else:
+        default_placement(layers, count)
+    if positions is not None and config.data.seq_len > positions:
+        raise BtsError(
+            f"data.seq_len {config.data.seq_len} is longer than the seed's "
+            f"{positions} positions: lower data.seq_len, or raise "
+            "seed_model.max_position_embeddings if the model was trained for longer contexts"
+        )
+    for name, source in config.data.sources.items():
+        if source not in BUILTIN_DOMAINS:
+            load_domain(source, config.data.text_field, name)  # one line if unreadable or empty
+
+
+def seed_shape(spec, seq_len: int) -> tuple[int, int | None]:
+    """(layers, positions) of the seed, from its config file or GGUF header, no weights."""
+    if spec.kind == "tiny":
+        return spec.num_layers, seq_len  # the tiny seed is built with seq_len positions
+    path = _packaged_gguf(spec.package) if spec.package is not None else Path(spec.path)
+    if path.suffix == ".gguf":
+        layers, positions = _gguf_shape(path)
+    else:
+        layers, positions = _config_shape(path)
+    return layers, spec.max_position_embeddings or positions
+
+
+def _config_shape(path: Path) -> tuple[int, int | None]:
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+        config = config.get("text_config", config)
+        return int(config["num_hidden_layers"]), config.get("max_position_embeddings")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BtsError(
+            f"cannot read the seed's {config_file} ({type(err).__name__}: {err}): give a "
+            "directory saved with save_pretrained"
+        ) from err
+
+
+def _gguf_shape(path: Path) -> tuple[int, int | None]:
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(path)).fields
+        arch = fields["general.architecture"].contents()
+        context = fields.get(f"{arch}.context_length")
+        return int(fields[f"{arch}.block_count"].contents()), (
+            int(context.contents()) if context is not None else None
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise BtsError(f"cannot read the GGUF header of {path} ({err}): re-download it") from err
+
+
 def _tokens(cfg: TrainConfig, batch_size: int, seq_len: int) -> int:
     return cfg.steps * cfg.grad_accum * batch_size * seq_len
 
@@ -159,18 +290,24 @@ def make_tokenizer(run: Run):
 
 def _write_tokenizer(run: Run, out: Path) -> None:
     data = run.config.data
-    with atomic_dir(out) as tmp:
-        texts = train_texts(data.domains, run.config.seed, data.held_out_fraction)
+    with atomic_dir(out, "tokenizer", inputs=run.inputs) as tmp:
+        texts = train_texts(
+            data.sources.values(), run.config.seed, data.held_out_fraction, data.text_field
+        )
         train_tokenizer(texts, data.vocab_size, tmp)
         _mark(tmp, "tokenizer")
 
 
-def _save_model(model: PreTrainedModel, tokenizer, out: Path, stage: str, **info) -> None:
-    once(_write_model, model, tokenizer, out, stage, **info)
+def _save_model(
+    run: Run, model: PreTrainedModel, tokenizer, out: Path, stage: str, **info
+) -> None:
+    once(_write_model, model, tokenizer, out, stage, run.inputs, **info)
 
 
-def _write_model(model: PreTrainedModel, tokenizer, out: Path, stage: str, **info) -> None:
-    with atomic_dir(out) as tmp:
+def _write_model(
+    model: PreTrainedModel, tokenizer, out: Path, stage: str, inputs: dict, **info
+) -> None:
+    with atomic_dir(out, "model", inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _mark(tmp, stage, **info)
@@ -203,14 +340,14 @@ def make_seed(run: Run) -> Path:
     spec = run.config.seed_model
     if spec.kind == "pretrained":
         model, tokenizer = load_pretrained_seed(spec)
-        _save_model(model, tokenizer, out, "seed", source=str(spec.path or spec.package))
+        _save_model(run, model, tokenizer, out, "seed", source=str(spec.path or spec.package))
         return out
     model = tiny_seed_model(run)
-    domains = run.config.data.domains
+    domains = run.config.data.names
     budget = _tokens(spec.train, spec.batch_size, run.config.data.seq_len)
     sampler = run.sampler(domains, spec.mix, spec.batch_size, budget)
     result = run.train("seed", model, sampler, spec.train)
-    _save_model(model, run.tokenizer, out, "seed", tokens=result.tokens)
+    _save_model(run, model, run.tokenizer, out, "seed", tokens=result.tokens)
     return out
 
 
@@ -273,13 +410,13 @@ def branch(run: Run) -> dict[str, Path]:
     for domain in run.config.expert_domains:
         target = run.path("branches", domain)
         if not is_complete(target):
-            once(_write_branch, seed, target, domain)
+            once(_write_branch, seed, target, domain, run.inputs)
         out[domain] = target
     return out
 
 
-def _write_branch(seed: Path, target: Path, domain: str) -> None:
-    with atomic_dir(target) as tmp:
+def _write_branch(seed: Path, target: Path, domain: str, inputs: dict) -> None:
+    with atomic_dir(target, "model", inputs=inputs) as tmp:
         shutil.copytree(seed, tmp, dirs_exist_ok=True, copy_function=_link_copy)
         _mark(tmp, "branch", domain=domain)
 
@@ -300,7 +437,7 @@ def train_expert(run: Run, domain: str) -> Path:
         freeze_output_space(model)
     sampler = MixSampler.single(domain, run.corpus[domain].train, spec.batch_size, run.config.seed)
     result = run.train(f"experts/{domain}", model, sampler, spec.train)
-    _save_model(model, run.tokenizer, out, "expert", domain=domain, tokens=result.tokens)
+    _save_model(run, model, run.tokenizer, out, "expert", domain=domain, tokens=result.tokens)
     return out
 
 
@@ -358,31 +495,54 @@ def stitch_sampler(run: Run, domains: list[str], spec: StitchConfig) -> MixSampl
 
 
 def add_expert(
-    run: Run, stitched: Path, name: str, expert: Path, out: Path, steps: int | None = None
+    run: Run,
+    stitched: Path,
+    name: str,
+    expert: Path,
+    out: Path,
+    steps: int | None = None,
+    force: bool = False,
 ) -> Path:
     """Stitch in a new expert and train only its stitch parameters on a mix including its domain.
 
-    The old stitched directory is left untouched; the result is written to `out`.
+    The old stitched directory is left untouched; the result is written to `out`. Training
+    state lives beside `out` under a name keyed by (stitched, name, expert), so an interrupted
+    call resumes only when repeated with the same inputs.
     """
-    if name not in run.corpus:
-        raise BtsError(f"no data for '{name}': the new expert's domain must be in data.domains")
+    if steps is not None and steps < 1:
+        raise BtsError(f"--steps is {steps}: give at least 1 training step (or omit it)")
+    if name not in run.config.data.names:
+        raise BtsError(
+            f"no data for '{name}': the new expert's domain must be in data.domains "
+            f"{run.config.data.names}"
+        )
+    inputs = {**stitched_inputs(stitched), "the new expert": Path(expert), **run.inputs}
+    check_target(out, inputs)
+    check_replaceable(out, "stitched", force)
     model = StitchedModel.from_pretrained(stitched)
     model.add_expert(name, load_causal_lm(expert))
     model.train_only(expert=name)
     spec = run.config.stitch
     cfg = spec.train if steps is None else spec.train.model_copy(update={"steps": steps})
     sampler = stitch_sampler(run, model.expert_names, spec)
-    train(model, sampler.batch, cfg, out.parent / f".{out.name}.train", name=f"add-expert {name}")
-    once(model.save_pretrained, out)
-    shutil.rmtree(out.parent / f".{out.name}.train", ignore_errors=True)
+    key = json.dumps([str(Path(stitched).resolve()), name, str(Path(expert).resolve())])
+    state = out.parent / f".{out.name}.train-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    for other in out.parent.glob(f".{out.name}.train-*"):
+        if other != state:  # left by an interrupted call with other inputs: not resumable here
+            shutil.rmtree(other, ignore_errors=True)
+    train(model, sampler.batch, cfg, state, name=f"add-expert {name}")
+    once(model.save_pretrained, out, force=force)
+    shutil.rmtree(state, ignore_errors=True)
     return out
 
 
-def remove_expert(stitched: Path, name: str, out: Path) -> Path:
+def remove_expert(stitched: Path, name: str, out: Path, force: bool = False) -> Path:
     """Drop an expert and its stitch parameters, no training; the old directory stays intact."""
+    check_target(out, stitched_inputs(stitched))
+    check_replaceable(out, "stitched", force)
     model = StitchedModel.from_pretrained(stitched)
     model.remove_expert(name)
-    once(model.save_pretrained, out)
+    once(model.save_pretrained, out, force=force)
     return out
 
 
@@ -434,7 +594,7 @@ def _train_btx(run: Run, name: str, spec, seed: Path, experts: dict[str, Path]) 
         set_btx_trainable(model, spec.train_all)
         sampler, cfg = _stitch_budget(run, run.config.baselines.btx_train)
         result = run.train(name, model, sampler, cfg)
-        _save_model(model, run.tokenizer, target, name, tokens=result.tokens)
+        _save_model(run, model, run.tokenizer, target, name, tokens=result.tokens)
     return target
 
 
@@ -447,7 +607,7 @@ def _train_bam(run: Run, seed: Path, experts: dict[str, Path]) -> Path:
         set_bam_trainable(model, spec.train_all)
         sampler, cfg = _stitch_budget(run, run.config.baselines.bam_train)
         result = run.train("bam", model, sampler, cfg)
-        _save_model(model, run.tokenizer, target, "bam", tokens=result.tokens)
+        _save_model(run, model, run.tokenizer, target, "bam", tokens=result.tokens)
     return target
 
 

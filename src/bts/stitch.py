@@ -78,6 +78,29 @@ def default_placement(num_layers: int, num_stitches: int = 4) -> list[StitchPoin
     return [StitchPoint(a, k) for a, k in zip(afters, kinds, strict=True)]
 
 
+def check_placement(placement: Sequence[StitchPoint], layers: int) -> None:
+    """Distinct layers in range, known kinds, and an experts-into-hub stitch last: a stitch after
+    it could never reach the hub's output."""
+    afters = [p.after_layer for p in placement]
+    if len(set(afters)) != len(afters) or not all(0 <= a < layers for a in afters):
+        raise BtsError(f"stitch placement {afters} must name distinct layers in 0..{layers - 1}")
+    for p in placement:
+        if p.kind not in (EXPERTS_INTO_HUB, HUB_INTO_EXPERTS):
+            raise BtsError(
+                f"unknown stitch kind '{p.kind}': use '{EXPERTS_INTO_HUB}' or '{HUB_INTO_EXPERTS}'"
+            )
+    if not any(p.kind == EXPERTS_INTO_HUB for p in placement):
+        raise BtsError(
+            "the placement has no experts-into-hub stitch: the hub would never read the experts"
+        )
+    last = max(placement, key=lambda p: p.after_layer)
+    if last.kind != EXPERTS_INTO_HUB:
+        raise BtsError(
+            f"the placement ends with a {last.kind} stitch after layer {last.after_layer}: nothing "
+            "reads the experts after the last experts-into-hub stitch, so end with one"
+        )
+
+
 def random_initialisation(model: StitchedModel, seed: int = 0) -> None:
     """The paper's plain init (Eq. 3-4 as written): nn.Linear's default for every projection and
     gate, scales at 1 (a = 1). The stitched model then no longer starts as the hub; ablations
@@ -326,11 +349,12 @@ class StitchedModel(nn.Module):
 
         return load_stitched(Path(path), **kwargs)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the stitch weights (safetensors) and a manifest of the constituents."""
+    def save_pretrained(self, path: str | Path, force: bool = False) -> None:
+        """Write the stitch weights (safetensors) and a manifest of the constituents; an
+        existing `path` is replaced only if it is a stitched directory (or with `force`)."""
         from bts.stitch_io import save_stitched
 
-        save_stitched(self, Path(path))
+        save_stitched(self, Path(path), force=force)
 
     @property
     def config(self):
@@ -345,21 +369,7 @@ class StitchedModel(nn.Module):
         return list(self.experts.keys())
 
     def _check_placement(self) -> None:
-        layers = self.hub.config.num_hidden_layers
-        afters = [p.after_layer for p in self.placement]
-        if len(set(afters)) != len(afters) or not all(0 <= a < layers for a in afters):
-            raise BtsError(
-                f"stitch placement {afters} must name distinct layers in 0..{layers - 1}"
-            )
-        for p in self.placement:
-            if p.kind not in (EXPERTS_INTO_HUB, HUB_INTO_EXPERTS):
-                raise BtsError(
-                    f"unknown stitch kind '{p.kind}': use '{EXPERTS_INTO_HUB}' or '{HUB_INTO_EXPERTS}'"
-                )
-        if not any(p.kind == EXPERTS_INTO_HUB for p in self.placement):
-            raise BtsError(
-                "the placement has no experts-into-hub stitch: the hub would never read the experts"
-            )
+        check_placement(self.placement, self.hub.config.num_hidden_layers)
 
     # --- modularity -------------------------------------------------------------------------
 

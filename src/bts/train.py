@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pydantic
@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from bts.errors import BtsError
+from bts.fields import Count, Float, NonNegativeFloat, PositiveCount, PositiveFloat
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +58,22 @@ _REASONS = {_NON_FINITE: "non-finite loss or gradient norm", _SPIKE: "loss spike
 class TrainConfig(pydantic.BaseModel, extra="forbid"):
     """Hyperparameters of one training run; the defaults of every stage live here."""
 
-    steps: int = pydantic.Field(gt=0)  # optimizer steps
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    grad_accum: int = pydantic.Field(default=1, gt=0)
+    steps: PositiveCount  # optimizer steps
+    lr: PositiveFloat = 1e-3
+    min_lr_ratio: Annotated[NonNegativeFloat, pydantic.Field(le=1)] = 0.01  # cosine floor
+    warmup_steps: Count = 0
+    weight_decay: NonNegativeFloat = 0.0
+    betas: tuple[Annotated[Float, pydantic.Field(ge=0, lt=1)], Annotated[Float, pydantic.Field(ge=0, lt=1)]] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+    max_grad_norm: PositiveFloat | None = 1.0
+    grad_accum: PositiveCount = 1
     mixed_precision: Literal["no", "bf16"] = "no"
-    checkpoint_every: int = pydantic.Field(default=100, gt=0)
-    log_every: int = pydantic.Field(default=10, gt=0)
-    seed: int = 0
-    spike_factor: float = 3.0  # loss > spike_factor * running mean is a spike ...
-    spike_warmup: int = 20  # ... once this many steps were accepted
-    max_consecutive_skips: int = pydantic.Field(default=5, gt=0)
+    checkpoint_every: PositiveCount = 100
+    log_every: PositiveCount = 10
+    seed: Count = 0
+    spike_factor: PositiveFloat = 3.0  # loss > spike_factor * running mean is a spike ...
+    spike_warmup: Count = 20  # ... once this many steps were accepted
+    max_consecutive_skips: PositiveCount = 5
 
 
 class TrainResult(pydantic.BaseModel):

@@ -149,9 +149,16 @@ def test_existing_output_is_kept_unless_overwrite(family, tmp_path):
     (out / "keep").write_text("x")
     with pytest.raises(BtsError, match="already exists"):
         merge_models(MergeSpec(method="linear"), seed_dir, experts, out)
+    with pytest.raises(BtsError, match="not written by bts"):  # a foreign folder, even so
+        merge_models(MergeSpec(method="linear"), seed_dir, experts, out, overwrite=True)
     assert (out / "keep").exists()
+    (out / "keep").unlink()
+    merge_models(MergeSpec(method="linear"), seed_dir, experts, out)  # empty: written
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(BtsError, match="already exists"):
+        merge_models(MergeSpec(method="linear"), seed_dir, experts, out)
     merge_models(MergeSpec(method="linear"), seed_dir, experts, out, overwrite=True)
-    assert not (out / "keep").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").stat().st_mtime_ns != first  # its own output: replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 

@@ -21,8 +21,8 @@ from bts.data.domains import (
     split_documents,
     train_texts,
 )
-from bts.data.sources import Document, Domain, code, french, prose
-from bts.data.sources.prose import man_to_text
+from bts.data.sources import Document, Domain, code, french, manpages, prose
+from bts.data.sources.manpages import man_to_text
 from bts.errors import BtsError
 
 BTS_PATH = [str(Path(bts.__file__).parent)]
@@ -32,8 +32,11 @@ def ids(docs) -> list[str]:
     return [d.id for d in docs]
 
 
-def test_registry_names_the_four_domains() -> None:
-    assert sorted(BUILTIN_DOMAINS) == ["code", "french", "math", "prose"]
+def test_registry_names_the_four_default_domains_and_the_opt_in_man() -> None:
+    from bts.data.domains import DEFAULT_DOMAINS
+
+    assert sorted(BUILTIN_DOMAINS) == ["code", "french", "man", "math", "prose"]
+    assert sorted(DEFAULT_DOMAINS) == ["code", "french", "math", "prose"]
 
 
 def test_code_is_stdlib_python_and_respects_max_chars() -> None:
@@ -49,20 +52,60 @@ def test_code_is_stdlib_python_and_respects_max_chars() -> None:
         ast.parse(doc.text)
 
 
-def test_prose_without_man_pages_is_the_pydoc_topics(tmp_path: Path) -> None:
-    docs = list(prose.domain(max_chars=None, man_root=tmp_path / "none").documents())
-    assert ids(docs) == [f"pydoc/{name}" for name in sorted(topics)]
+def test_prose_is_pydoc_topics_then_lm_eval_readmes_without_code(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    (tasks / "b").mkdir(parents=True)
+    (tasks / "a").mkdir()
+    words = "A benchmark of questions written by people. " * 10
+    (tasks / "b" / "README.md").write_text(f"# B\n\n{words}\n\n```bibtex\n@misc{{x}}\n```\n")
+    (tasks / "a" / "README.md").write_text(f"# A\n\n\n\n{words}")
+    (tasks / "a" / "short").mkdir()
+    (tasks / "a" / "short" / "README.md").write_text("# tiny")
+    docs = list(prose.domain(max_chars=None, lm_eval_dir=tmp_path).documents())
+    assert ids(docs) == [f"pydoc/{name}" for name in sorted(topics)] + [
+        "lm_eval/tasks/a/README.md",
+        "lm_eval/tasks/b/README.md",
+    ]
     assert docs[0].text == topics[sorted(topics)[0]]
+    assert docs[-2].text == f"# A\n\n{words.strip()}"
+    assert docs[-1].text == f"# B\n\n{words.strip()}"
 
 
-def test_prose_reads_man_pages_and_skips_aliases(tmp_path: Path) -> None:
+def test_prose_does_not_depend_on_the_machines_manual_pages(tmp_path, monkeypatch) -> None:
+    """Two machines with different system files give the same prose documents."""
+    from bts.data.packing import content_hash
+
+    hashes = []
+    for pages in ("foo", "bar"):
+        root = tmp_path / pages / "man1"
+        root.mkdir(parents=True)
+        page = f".TH {pages} 1\n.SH DESCRIPTION\n" + f"{pages} words. " * 40
+        (root / f"{pages}.1").write_text(page)
+        monkeypatch.setattr(manpages, "MAN_ROOT", root.parent)
+        domain = load_domain("prose")
+        train, held = split_documents(domain, 0, 0.1)
+        hashes.append(content_hash(train, held))
+        man = manpages.domain(man_root=root.parent)
+        assert [d.id for d in man.documents()] == [f"man/man1/{pages}.1"]
+    assert hashes[0] == hashes[1]
+
+
+def test_man_pages_are_opt_in_and_refused_where_there_are_none(tmp_path) -> None:
+    from bts.data.domains import DEFAULT_DOMAINS
+
+    assert "man" not in DEFAULT_DOMAINS and "man" in BUILTIN_DOMAINS
+    with pytest.raises(BtsError, match="needs manual pages"):
+        manpages.domain(man_root=tmp_path / "none")
+
+
+def test_man_pages_are_read_and_aliases_skipped(tmp_path: Path) -> None:
     (tmp_path / "man1").mkdir()
     page = ".TH FOO 1\n.SH NAME\nfoo \\- frobnicate\n.SH DESCRIPTION\n" + "Real words. " * 40
     (tmp_path / "man1" / "foo.1.gz").write_bytes(gzip.compress(page.encode()))
     (tmp_path / "man1" / "bar.1").write_text(".so man1/foo.1\n")
     (tmp_path / "man1" / "gcloud_x.1").write_text(page)
     (tmp_path / "man1" / "link.1.gz").symlink_to(tmp_path / "man1" / "foo.1.gz")
-    docs = list(prose.domain(max_chars=None, man_root=tmp_path).documents())
+    docs = list(manpages.domain(max_chars=None, man_root=tmp_path).documents())
     man = [d for d in docs if d.id.startswith("man/")]
     assert ids(man) == ["man/man1/foo.1.gz"]
     assert (

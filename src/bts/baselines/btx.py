@@ -384,7 +384,7 @@ def save_with_spec(
 ) -> Path:
     """Save model, the seed's tokenizer and the spec (as `spec_name`) into `out_dir`, atomically."""
     tokenizer = AutoTokenizer.from_pretrained(seed_dir)
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, "model", overwrite=overwrite, inputs={"the seed": seed_dir}) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / spec_name).write_text(spec.model_dump_json(indent=2) + "\n")

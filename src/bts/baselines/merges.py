@@ -147,7 +147,8 @@ def merge_models(
         quiet=True,
     )
     out_dir = Path(out_dir).resolve()
-    with atomic_dir(out_dir, overwrite) as tmp:
+    inputs = {"the seed": Path(seed_dir), **{f"expert '{n}'": Path(p) for n, p in expert_dirs.items()}}
+    with atomic_dir(out_dir, "model", overwrite=overwrite, inputs=inputs) as tmp:
         with _caller_rng_kept():
             run_merge(config, str(tmp), options=options)
         if not (tmp / "tokenizer_config.json").is_file():

@@ -28,7 +28,13 @@ from bts.baselines import check_family
 from bts.baselines.btm import SEED
 from bts.errors import BtsError
 from bts.fileio import atomic_dir
-from bts.models import constituent_entry, freeze, load_causal_lm, load_constituent
+from bts.models import (
+    MANIFEST_DTYPES,
+    constituent_entry,
+    freeze,
+    load_causal_lm,
+    load_constituent,
+)
 from bts.stitch import causal_lm_loss
 
 MANIFEST = "bts_routing.json"
@@ -271,7 +277,7 @@ def build_routing(
 
 def save_routing(model: RouterTrainer | RoutedModel, out_dir: Path) -> None:
     """Write `router.safetensors` and the `bts_routing.json` manifest atomically."""
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir), "routing") as tmp:
         info = {
             "format": FORMAT,
             "version": 1,
@@ -301,8 +307,18 @@ def _read_manifest(directory: Path) -> tuple[dict, RoutingSpec]:
         spec = RoutingSpec.model_validate(info["spec"])
         if list(info["constituents"]) != info["names"]:
             raise KeyError("names")
-        for entry in info["constituents"].values():
-            str(entry["path"]), str(entry["sha256"])
+        for name, entry in info["constituents"].items():
+            for key in ("path", "sha256"):
+                if not isinstance(entry[key], str):
+                    raise BtsError(
+                        f"{path}: field 'constituents.{name}.{key}' is {entry[key]!r}, not a "
+                        "string: save the router again"
+                    )
+            if entry.get("dtype", "float32") not in MANIFEST_DTYPES:
+                raise BtsError(
+                    f"{path}: field 'constituents.{name}.dtype' is {entry['dtype']!r}, not one of "
+                    f"{', '.join(MANIFEST_DTYPES)}: save the router again"
+                )
     except _MALFORMED as err:
         raise BtsError(f"{path} is corrupt ({type(err).__name__}): save the router again") from err
     return info, spec

@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from bts.data.sources import Document, Domain, code, french, prose
+from bts.data.sources import Document, Domain, code, french, manpages, prose
 from bts.data.sources import math as math_source
 from bts.errors import BtsError
 
@@ -26,11 +26,14 @@ BUILTIN_DOMAINS: dict[str, Callable[[], Domain]] = {
     "prose": prose.domain,
     "math": math_source.domain,
     "french": french.domain,
+    "man": manpages.domain,  # opt-in, not a default domain: it depends on the machine
 }
+DEFAULT_DOMAINS = ("code", "prose", "math", "french")  # the same documents on every machine
 DATASETS_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 __all__ = [
     "BUILTIN_DOMAINS",
+    "DEFAULT_DOMAINS",
     "Document",
     "Domain",
     "load_domain",
@@ -40,8 +43,11 @@ __all__ = [
 ]
 
 
-def load_domain(name_or_path: str, text_field: str = "text") -> Domain:
-    """A built-in domain by name, or a user domain from a local file or directory."""
+def load_domain(name_or_path: str, text_field: str = "text", name: str | None = None) -> Domain:
+    """A built-in domain by name, or a user domain from a local file or directory (only read).
+
+    `name` overrides a user domain's default name (its file stem or folder name).
+    """
     if name_or_path in BUILTIN_DOMAINS:
         return BUILTIN_DOMAINS[name_or_path]()
     path = Path(name_or_path).expanduser()
@@ -51,7 +57,7 @@ def load_domain(name_or_path: str, text_field: str = "text") -> Domain:
             "an existing path: give a built-in name or a .txt/.jsonl file or a directory"
         )
     domain = Domain(
-        name=path.stem if path.is_file() else path.name,
+        name=name or (path.stem if path.is_file() else path.name),
         source=str(path),
         licence="user-supplied",
         read=_reader(path, text_field),
@@ -171,11 +177,11 @@ def split_documents(
 
 
 def train_texts(
-    domain_names_or_paths: Iterable[str], seed: int, held_out_fraction: float
+    domain_names_or_paths: Iterable[str], seed: int, held_out_fraction: float, text_field="text"
 ) -> Iterator[str]:
     """Texts of the train splits of the given domains (what a tokenizer should be trained on)."""
     for name in domain_names_or_paths:
-        train, _ = split_documents(load_domain(name), seed, held_out_fraction)
+        train, _ = split_documents(load_domain(name, text_field), seed, held_out_fraction)
         yield from (doc.text for doc in train)
 
 

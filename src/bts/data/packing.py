@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from bts.data.domains import BUILTIN_DOMAINS, Document, load_domain, split_documents
+from bts.data.domains import DEFAULT_DOMAINS, Document, load_domain, split_documents
 from bts.data.tokenizer import tokenizer_fingerprint
 from bts.errors import BtsError
 
@@ -65,6 +65,16 @@ class DomainData:
     held_out_docs: int
     source: str = ""
     licence: str = ""
+    sha256: str = ""  # content_hash of the documents and their split
+
+    def fingerprint(self) -> dict:
+        """What identifies this domain's data in a run directory and a report."""
+        return {
+            "sha256": self.sha256,
+            "train_docs": self.train_docs,
+            "held_out_docs": self.held_out_docs,
+            "source": self.source,
+        }
 
     def summary(self) -> dict:
         """Where the text comes from and how much of it there is (`bts data list`)."""
@@ -92,6 +102,19 @@ def cache_key(docs: Sequence[Document], tokenizer: PreTrainedTokenizerBase, seq_
         text = doc.text.encode()
         h.update(f"{len(doc.id)}:{doc.id}{len(text)}:".encode())
         h.update(text)
+    return h.hexdigest()
+
+
+def content_hash(train: Sequence[Document], held_out: Sequence[Document]) -> str:
+    """SHA-256 of a domain's documents (ids and texts) and of which side of the split each is
+    on; independent of the tokenizer, so it says whether two runs read the same data."""
+    h = hashlib.sha256(b"bts-domain-v1")
+    for side, docs in ((b"train", train), (b"held_out", held_out)):
+        h.update(side + b"\0" + str(len(docs)).encode() + b"\0")
+        for doc in docs:
+            text = doc.text.encode()
+            h.update(f"{len(doc.id)}:{doc.id}{len(text)}:".encode())
+            h.update(text)
     return h.hexdigest()
 
 
@@ -194,7 +217,7 @@ def _pack_to(
 
 
 def build_corpus(
-    domain_names_or_paths: list[str],
+    domain_names_or_paths: list[str] | dict[str, str],
     tokenizer: PreTrainedTokenizerBase,
     seq_len: int,
     cache_dir: str | Path,
@@ -202,10 +225,16 @@ def build_corpus(
     held_out_fraction: float,
     text_field: str = "text",
 ) -> dict[str, DomainData]:
-    """Load, split and pack each domain; keys are domain names (a path's stem for files)."""
+    """Load, split and pack each domain; keys are domain names (a path's stem for files, or the
+    name a `{name: source}` mapping gives)."""
+    named = (
+        list(domain_names_or_paths.items())
+        if isinstance(domain_names_or_paths, dict)
+        else [(None, spec) for spec in domain_names_or_paths]
+    )
     corpus: dict[str, DomainData] = {}
-    for spec in domain_names_or_paths:
-        domain = load_domain(spec, text_field)
+    for name, spec in named:
+        domain = load_domain(spec, text_field, name)
         if domain.name in corpus:
             raise BtsError(f"two domains are named '{domain.name}': rename one of the files")
         train, held_out = split_documents(domain, seed, held_out_fraction)
@@ -219,6 +248,7 @@ def build_corpus(
             held_out_docs=len(held_out),
             source=domain.source,
             licence=domain.licence,
+            sha256=content_hash(train, held_out),
         )
     return corpus
 
@@ -230,9 +260,9 @@ def domain_table(
     seed: int,
     held_out_fraction: float,
 ) -> list[dict]:
-    """One row per built-in domain: where its text comes from and how much of it there is."""
+    """One row per default built-in domain: where its text comes from and how much of it there is."""
     corpus = build_corpus(
-        list(BUILTIN_DOMAINS), tokenizer, seq_len, cache_dir, seed, held_out_fraction
+        list(DEFAULT_DOMAINS), tokenizer, seq_len, cache_dir, seed, held_out_fraction
     )
     return [data.summary() for data in corpus.values()]
 
@@ -242,6 +272,7 @@ __all__ = [
     "PackedSequences",
     "build_corpus",
     "cache_key",
+    "content_hash",
     "domain_table",
     "encode_batch",
     "pack_documents",
