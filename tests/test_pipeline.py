@@ -84,7 +84,7 @@ def test_report_has_every_system_and_domain_with_finite_values(smoke_run):
     assert active["btm"] == systems["btm"]["params_total"]
     assert active["expert_routing"] < systems["expert_routing"]["params_total"]
     assert 0 < systems["expert_routing"]["params_trained"] < active["expert_routing"]
-    for png in ("domain_losses.png", "training_curves.png", "gates_layers.png", "gates_tokens.png"):
+    for png in ("loss_vs_seed.png", "training_curves.png", "gates_layers.png", "gates_tokens.png"):
         assert (smoke_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -203,7 +203,7 @@ def test_eval_and_data_commands_on_a_run(smoke_run, tmp_path):
         assert any(line.startswith(domain) for line in listed.output.splitlines())
 
 
-ABLATIONS = ROOT / "configs" / "ablations"
+ABLATIONS = ROOT / "src" / "bts" / "ablations"  # shipped as package data
 
 
 def test_every_ablation_overlay_runs_and_joins_the_report(smoke_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -11,7 +12,19 @@ import pytest
 from matplotlib.image import imread
 
 from bts.errors import BtsError
-from bts.report import average_loss, last_layer_gates, load_curve, write_report
+from bts.report import (
+    ONE_RUN_NOTE,
+    average_loss,
+    best_cells,
+    headline_table,
+    last_layer_gates,
+    load_curve,
+    loss_vs_seed,
+    plot_loss_vs_seed,
+    ranked_systems,
+    what_it_shows,
+    write_report,
+)
 
 DOMAINS = ["code", "math", "multilingual"]
 SOURCES = ["hub", "code", "math", "multilingual"]
@@ -216,7 +229,7 @@ def test_plots_are_valid_pngs_linked_from_the_report(run: tuple[Path, str]) -> N
     run_dir, md = run
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert sorted(linked) == sorted(
-        ["domain_losses.png", "training_curves.png", "gates_layers.png", "gates_tokens.png"]
+        ["loss_vs_seed.png", "training_curves.png", "gates_layers.png", "gates_tokens.png"]
     )
     for name in linked:
         data = (run_dir / name).read_bytes()
@@ -270,9 +283,9 @@ def test_report_without_gates_or_logs(tmp_path: Path) -> None:
     (tmp_path / "report.json").write_text(json.dumps({"systems": systems, "domains": DOMAINS}))
     md = write_report(tmp_path, logs={}).read_text()
     assert "Gate analysis" not in md and "Removal experiment" not in md
-    assert re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md) == ["domain_losses.png"]
+    assert re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md) == ["loss_vs_seed.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "domain_losses.png",
+        "loss_vs_seed.png",
         "report.json",
         "report.md",
     ]
@@ -323,3 +336,219 @@ def test_ablation_table_deltas_switch_column_and_paired_curves(tmp_path: Path) -
         ).items()
     }
     assert _paired_ablations(report, curves) == ["stitches_1"]  # general_data saw other batches
+
+
+# ---------------------------------------------------------------- heat map, headline, summary
+
+
+def _entry(a: float, b: float, switch: float | None = None, **extra: object) -> dict:
+    loss = {"a": a, "b": b} | ({} if switch is None else {"domain_switch": switch})
+    return {"loss": loss, **extra}
+
+
+def _hand_report() -> dict:
+    """Averages over a, b: btm 2.065 < expert_routing 2.100 < bts 2.225 < btx_top2 2.260 <
+    ties 2.300 < linear 2.350 < expert:a 2.400 < expert:b 2.440 < seed 2.500; `newcomer` has
+    no `b` (no average) but the lowest `a`; bts-minus:a and the ablation are better than all
+    and must be left out; `btx` is an alias."""
+    systems = {
+        "linear": _entry(1.85, 2.85),  # no domain_switch: a missing cell
+        "newcomer": {"loss": {"a": 1.00}},
+        "seed": _entry(2.00, 3.00, 2.80),
+        "bts-minus:a": _entry(1.65, 2.40, 2.40),
+        "ties": _entry(1.90, 2.70, 2.70),
+        "expert:b": _entry(2.30, 2.58),  # ties btm on b at -0.42
+        "btx": _entry(1.80, 2.72, 2.65, alias_of="btx_top2"),
+        "bts": _entry(1.70, 2.75, 2.60),
+        "expert_routing": _entry(1.60, 2.60, 2.55),
+        "btx_top2": _entry(1.80, 2.72, 2.65),
+        "expert:a": _entry(1.50, 3.30, 2.90),
+        "btm": _entry(1.55, 2.58, 2.50),
+    }
+    ablations = {"huge": _entry(0.5, 0.5, 0.5, description="not a system")}
+    return {"systems": systems, "domains": ["a", "b"], "ablations": ablations}
+
+
+HAND_ORDER = [
+    "btm",
+    "expert_routing",
+    "bts",
+    "btx_top2",
+    "ties",
+    "linear",
+    "expert:a",
+    "expert:b",
+    "seed",
+    "newcomer",
+]
+
+
+def test_ranked_systems_sort_by_average_and_skip_aliases_and_removals() -> None:
+    assert ranked_systems(_hand_report()) == HAND_ORDER
+
+
+def test_loss_vs_seed_deltas_missing_cells_and_best_marks() -> None:
+    report = _hand_report()
+    rows, columns, deltas = loss_vs_seed(report)
+    assert rows == HAND_ORDER and columns == ["a", "b", "domain_switch", "average"]
+    systems = report["systems"]
+    seed = systems["seed"]["loss"]
+    for i, name in enumerate(rows):
+        loss = systems[name]["loss"]
+        for j, key in enumerate(columns[:3]):
+            if key in loss:
+                assert deltas[i, j] == pytest.approx(loss[key] - seed[key]), (name, key)
+            else:
+                assert np.isnan(deltas[i, j]), (name, key)
+    average = dict(zip(rows, deltas[:, 3], strict=True))
+    assert average["bts"] == pytest.approx(2.225 - 2.5)
+    assert average["btm"] == pytest.approx(2.065 - 2.5)
+    assert np.isnan(average["newcomer"])
+    assert (deltas[rows.index("seed")] == 0).all()  # the reference row
+
+    best = best_cells(deltas, lambda v: f"{v:+.3f}")
+    marked = {c: [rows[i] for i in np.flatnonzero(best[:, j])] for j, c in enumerate(columns)}
+    assert marked == {
+        "a": ["newcomer"],  # lowest a, though it ranks last for lack of an average
+        "b": ["btm", "expert:b"],  # equal at the shown precision: both marked
+        "domain_switch": ["btm"],
+        "average": ["btm"],
+    }
+    one = np.array([[math.nan], [0.5]])
+    assert not best_cells(one, str).any()  # one value: nothing to compare
+
+
+def test_loss_vs_seed_needs_a_seed() -> None:
+    report = _hand_report()
+    del report["systems"]["seed"]
+    with pytest.raises(BtsError, match="no 'seed'"):
+        loss_vs_seed(report)
+
+
+def _table_rows(table: str) -> list[list[str]]:
+    lines = table.splitlines()
+    assert lines[0].split()[0] == "system" and set(lines[1].replace(" ", "")) == {"-"}
+    rows = []
+    for line in lines[2:]:
+        if line.startswith("*"):
+            break
+        rows.append(line.split())
+    return rows
+
+
+def test_headline_table_order_values_marks_and_width() -> None:
+    report = _hand_report()
+    table = headline_table(report, summary=False)
+    header = table.splitlines()[0].split()
+    assert header == ["system", "a", "b", "domain_switch", "avg", "Δ", "seed"]
+    rows = _table_rows(table)
+    assert [r[0] for r in rows] == HAND_ORDER
+    by_name = {r[0]: r[1:] for r in rows}
+    assert by_name["bts"] == ["1.7000", "2.7500", "2.6000", "2.2250", "-0.2750"]
+    assert by_name["btm"] == ["1.5500", "2.5800*", "2.5000*", "2.0650*", "-0.4350*"]
+    assert by_name["expert:b"] == ["2.3000", "2.5800*", "–", "2.4400", "-0.0600"]
+    assert by_name["newcomer"] == ["1.0000*", "–", "–", "–", "–"]
+    assert by_name["seed"][3:] == ["2.5000", "+0.0000"]
+    starred = [r[0] for r in rows if any(c.endswith("*") for c in r[1:])]
+    assert starred == ["btm", "expert:b", "newcomer"]
+    assert max(len(line) for line in table.splitlines()) <= 100
+    assert "Lowest average" not in table
+
+    full = headline_table(report)
+    assert full.startswith(table)
+    summary = " ".join(full[len(table) :].split())
+    assert summary == " ".join(what_it_shows(report).replace("`", "").split())
+
+
+def test_headline_table_stays_narrow_with_many_domains() -> None:
+    domains = [f"domain_number_{i}" for i in range(7)]
+    systems = {
+        name: {"loss": {d: 2.0 + 0.01 * k + 0.001 * i for i, d in enumerate(domains)}}
+        for k, name in enumerate(["seed", "bts", "expert:domain_number_0", "task_arithmetic"])
+    }
+    table = headline_table({"systems": systems, "domains": domains}, summary=False)
+    assert max(len(line) for line in table.splitlines()) <= 100
+    names = [r[0] for r in _table_rows(table)]
+    assert names[:2] == ["seed", "bts"] and names[3] == "task_arithmetic"
+    assert names[2].endswith("…") and "expert:domain_number_0".startswith(names[2][:-1])
+    # headers too long for their column are numbered and named under the table
+    assert table.splitlines()[0].split()[1:4] == ["[1]", "[2]", "[3]"]
+    legend = " ".join(table.split("columns: ")[1].split())
+    assert legend.startswith("[1]=domain_number_0, [2]=domain_number_1,")
+
+
+def test_what_it_shows_names_best_and_best_single_model_alternative() -> None:
+    text = what_it_shows(_hand_report())
+    assert text.startswith("Lowest average held-out loss over the 2 domains: `btm`, 2.0650")
+    # btm and expert_routing are lower but yield several models: btx_top2 is the alternative
+    assert (
+        "`bts` against the best single-model alternative, `btx_top2`: "
+        "2.2250 vs 2.2600, lower by 0.0350 in this run." in text
+    )
+    assert "`bts` against the seed: 2.2250 vs 2.5000, lower by 0.2750 in this run." in text
+    assert text.endswith(ONE_RUN_NOTE)
+    assert "beat" not in text and "bts-minus" not in text and "huge" not in text
+
+    report = _hand_report()
+    for name in ("btm", "expert_routing", "btx_top2", "ties", "btx"):
+        del report["systems"][name]
+    report["systems"]["bam"] = _entry(1.65, 2.70)  # 2.175: best overall and single-model
+    text = what_it_shows(report)
+    assert text.startswith("Lowest average held-out loss over the 2 domains: `bam`, 2.1750")
+    assert "alternative, `bam` (also the lowest overall): 2.2250 vs 2.1750, higher by 0.0500" in (
+        text
+    )
+
+
+def test_what_it_shows_uses_seed_statistics_when_present() -> None:
+    report = _hand_report()
+    systems = report["systems"]
+    systems["bts"] |= {"average_sd": 0.02, "seeds": [0, 1, 2]}
+    systems["btx_top2"] |= {"average_sd": 0.01, "seeds": 3}
+    systems["seed"] |= {"average_sd": 0.03, "seeds": 3}
+    text = what_it_shows(report)
+    # 0.035 apart < 2 * hypot(0.02, 0.01) = 0.0447: a tie; 0.275 > 2 * hypot(0.02, 0.03)
+    assert "`btx_top2`: 2.2250 vs 2.2600, within two standard deviations (0.0447) over 3 seeds" in (
+        text
+    )
+    assert "a tie" in text
+    assert "lower by 0.2750, beyond two standard deviations (0.0721) over 3 seeds" in text
+    assert ONE_RUN_NOTE not in text and "in this run" not in text
+
+
+def test_heatmap_png_fits_and_shows_both_signs(tmp_path: Path) -> None:
+    def report_of(n: int) -> dict:
+        systems = {"seed": _entry(2.0, 3.0, 2.8)}
+        for k in range(n - 1):
+            shift = 0.3 * (k / max(n - 2, 1)) - 0.2  # some better, some worse than the seed
+            systems[f"expert_number_{k}"] = _entry(2.0 + shift, 3.0 - shift / 2, 2.8 + shift)
+        return {"systems": systems, "domains": ["a", "b"]}
+
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    plot_loss_vs_seed(report_of(4), small)
+    plot_loss_vs_seed(report_of(18), large)
+    for path in (small, large):
+        pixels = imread(path)[..., :3]
+        assert pixels.shape[1] <= 1400
+        red = pixels[..., 0] > pixels[..., 2] + 0.25
+        blue = pixels[..., 2] > pixels[..., 0] + 0.25
+        assert red.sum() > 500 and blue.sum() > 500, path.name  # diverging: both signs show
+    assert imread(large).shape[0] > imread(small).shape[0] + 300  # one row per system
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_report_opens_with_what_it_shows_and_links_the_heatmap(tmp_path: Path) -> None:
+    report = _hand_report()
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    md = write_report(tmp_path, logs={}).read_text()
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings[:2] == ["## What this run shows", "## Results"]
+    assert what_it_shows(report) in md
+    assert "![loss minus the seed's loss](loss_vs_seed.png)" in md
+    assert imread(tmp_path / "loss_vs_seed.png").shape[0] > 200
+    del report["systems"]["seed"]  # nothing to subtract: no heat map, the report still renders
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    (tmp_path / "loss_vs_seed.png").unlink()
+    md = write_report(tmp_path, logs={}).read_text()
+    assert "loss_vs_seed.png" not in md and not (tmp_path / "loss_vs_seed.png").exists()
+    assert "## What this run shows" in md

@@ -476,3 +476,19 @@ def test_temporary_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
         assert work.parent == tmp_path and work.name.startswith(f"bts-x-{os.getpid()}-")
         assert not left.exists() and mine.exists()
     assert not work.exists()
+
+
+@pytest.mark.parametrize("content", ["", "# only a comment\n", "{}\n"])
+def test_an_empty_config_is_refused_not_run_on_defaults(tmp_path, content):
+    config = tmp_path / "empty.yaml"
+    config.write_text(content)
+    one_line_error(bts("run", config, "--out", tmp_path / "run"), "is empty",
+                   "copy configs/demo.yaml")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_runs_own_config_reruns_that_run_by_default(smoke_run):
+    from bts.cli import default_out
+
+    assert default_out(smoke_run / "config.yaml") == smoke_run
+    assert default_out(SMOKE) == Path("runs") / "smoke"

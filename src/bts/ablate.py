@@ -1,9 +1,11 @@
 """Ablations of BTS itself: re-run only the stitch stage of a finished run under a config overlay.
 
-An overlay is a YAML file (configs/ablations/<name>.yaml) with a `description` and a `stitch`
-section that is merged key by key over the run's own stitch config; the seed and the experts
-are the run's, so each ablation changes exactly one thing. Results join the run's report:
-`report.json["ablations"][name]` and an ablations table in report.md.
+An overlay is a YAML file (<name>.yaml) with a `description` and a `stitch` section that is
+merged key by key over the run's own stitch config; the seed and the experts are the run's, so
+each ablation changes exactly one thing. The shipped overlays are package data
+(src/bts/ablations/, shown by `bts ablate RUN --list`), found from any working directory.
+Results join the run's report: `report.json["ablations"][name]` and an ablations table in
+report.md.
 
     RUN/ablations/<name>/stitched/   the ablated stitched model
     RUN/train/ablations/<name>/      its training checkpoint and metrics (the curves)
@@ -13,19 +15,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm.auto import tqdm
 
 from bts.config import RunConfig, parse_config
 from bts.errors import BtsError
 from bts.fileio import write_json
+from bts.progress import progress
 from bts.stages import Run, once, train_stitched
 from bts.stitch import StitchedModel
 
-DEFAULT_DIR = Path("configs/ablations")
+# The shipped overlays, inside the installed package: found from any working directory.
+DEFAULT_DIR = Path(str(resources.files("bts") / "ablations"))
 OVERLAY_KEYS = {"description", "stitch"}
 
 
@@ -37,8 +41,12 @@ class Ablation:
     config: RunConfig
 
 
-def overlay_paths(names: list[str], directory: Path = DEFAULT_DIR) -> list[Path]:
-    """Names resolve to DIR/<name>.yaml (a path to a YAML file is taken as is); none: all in DIR."""
+def overlay_paths(names: list[str], directory: Path | None = None) -> list[Path]:
+    """Names resolve to DIR/<name>.yaml (a path to a YAML file is taken as is); none: all in DIR.
+
+    DIR defaults to the overlays shipped with bts (DEFAULT_DIR).
+    """
+    directory = DEFAULT_DIR if directory is None else directory
     if not names:
         found = sorted(Path(directory).glob("*.yaml"))
         if not found:
@@ -49,7 +57,8 @@ def overlay_paths(names: list[str], directory: Path = DEFAULT_DIR) -> list[Path]
         path = Path(name) if name.endswith((".yaml", ".yml")) else Path(directory) / f"{name}.yaml"
         if not path.is_file():
             raise BtsError(
-                f"ablation overlay {path} not found: see {directory} for the shipped ones"
+                f"ablation overlay {path} not found: `bts ablate RUN --list` shows those in "
+                f"{directory}"
             )
         paths.append(path)
     return paths
@@ -91,7 +100,7 @@ def ablate(run: Run, paths: list[Path]) -> Path:
     ablations = [load_ablation(p, run.config) for p in paths]  # all validated before any work
     report = read_report(run)
     results = dict(report.get("ablations", {}))
-    for ab in tqdm(ablations, desc="ablate", unit="ablation"):
+    for ab in progress(ablations, desc="ablate", unit="ablation"):
         stage = f"ablations/{ab.name}"
         stitched = train_stitched(run, ab.config, run.path("ablations", ab.name, "stitched"), stage)
         model = configure(StitchedModel.from_pretrained(stitched), run)

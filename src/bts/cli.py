@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from bts.errors import BtsError
+from bts.progress import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Inspect the built-in and configured domains.")
@@ -23,7 +24,10 @@ app.add_typer(data_app, name="data")
 
 Config = Annotated[Path, typer.Argument(help="Run config (YAML), e.g. configs/demo.yaml")]
 Out = Annotated[
-    Path | None, typer.Option("--out", help="Run directory (default runs/<config name>)")
+    Path | None,
+    typer.Option(
+        "--out", help="Run directory (default: RUN for RUN/config.yaml, else runs/<config name>)"
+    ),
 ]
 RunDir = Annotated[Path, typer.Argument(help="A run directory made by `bts run`")]
 Force = Annotated[
@@ -38,6 +42,7 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        quiet_libraries()  # no third-party bars in a log; plain bts progress lines instead
         try:
             return fn(*args, **kwargs)
         except BtsError as err:
@@ -60,14 +65,61 @@ def _open(config: Path, out: Path | None):
     from bts.stages import Run
 
     cfg = load_config(config)
-    return Run.open(cfg, out or Path("runs") / config.stem)
+    return Run.open(cfg, out or default_out(config))
+
+
+def default_out(config: Path) -> Path:
+    """A run's own config.yaml re-runs that run; any other config runs into runs/<name>."""
+    run_markers = (".bts.lock", "seed", "tokenizer")  # a run made by an older bts has no lock
+    if config.name == "config.yaml" and any((config.parent / m).exists() for m in run_markers):
+        return config.parent
+    return Path("runs") / config.stem
+
+
+def _shown(result) -> str:
+    """A stage's result for a log: a path as its string, a dict of paths one `name=path` a line."""
+    if isinstance(result, dict) and result:
+        return "".join(f"\n    {name}={value}" for name, value in result.items())
+    return str(result)
 
 
 def _timed(label: str, fn, *args):
     start = time.perf_counter()
     result = fn(*args)
-    typer.echo(f"[bts] {label}: done in {time.perf_counter() - start:.1f} s -> {result}", err=True)
+    elapsed = time.perf_counter() - start
+    typer.echo(f"[bts] {label}: done in {elapsed:.1f} s -> {_shown(result)}", err=True)
     return result
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"bts {version('bts')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the bts version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Options of `bts` itself, before a command (the app's help is the module docstring's)."""
+
+
+def _headline(run_dir: Path) -> None:
+    """The results at a glance on stdout; report.md has the rest."""
+    import json
+
+    from bts.report import headline_table
+
+    report = json.loads((run_dir / "report.json").read_text())
+    typer.echo(headline_table(report))
+    typer.echo(f"(full report: {run_dir / 'report.md'})")
 
 
 @app.command()
@@ -85,6 +137,7 @@ def run(config: Config, out: Out = None) -> None:
     _timed("stitch", stages.stitch, r)
     _timed("baselines", stages.baselines, r)
     _timed("report", compare, r)
+    _headline(r.root)
 
 
 @app.command()
@@ -146,6 +199,7 @@ def report(run_dir: RunDir) -> None:
     run = Run.load(run_dir)
     require_complete(run)  # `bts report` evaluates; it never trains a missing stage
     _timed("report", compare, run)
+    _headline(run.root)
 
 
 @app.command()
@@ -155,9 +209,10 @@ def ablate(
     names: Annotated[
         list[str] | None, typer.Argument(help="Overlay names or YAML paths (default: all)")
     ] = None,
-    overlays: Annotated[Path, typer.Option(help="Folder of ablation overlays")] = Path(
-        "configs/ablations"
-    ),
+    overlays: Annotated[
+        Path | None,
+        typer.Option(help="Folder of ablation overlays (default: those shipped with bts)"),
+    ] = None,
     list_only: Annotated[bool, typer.Option("--list", help="Show the overlays and exit")] = False,
 ) -> None:
     """Re-run only the stitch stage under config overlays and add the results to the report."""
@@ -218,13 +273,19 @@ def remove_expert(
 def evaluate(
     run_dir: RunDir,
     models: Annotated[list[Path], typer.Argument(help="Model directories (HF or stitched)")],
-    out: Annotated[Path, typer.Option(help="JSON records output")] = Path("eval.json"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON records output (default: RUN/eval-models.json, in the run directory)"
+        ),
+    ] = None,
 ) -> None:
     """Evaluate causal LMs or stitched models on the run's held-out data and tasks."""
     from bts.compare import evaluate_paths
     from bts.evaluate import format_table, write_records
     from bts.fileio import check_writable
 
+    out = Path(run_dir) / "eval-models.json" if out is None else out
     check_writable(out)  # before the evaluation, so its results are never lost
     records = evaluate_paths(Path(run_dir), models)
     write_records(records, out)

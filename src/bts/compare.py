@@ -10,6 +10,7 @@ human report (RUN/report.md and PNGs, `bts.report`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -17,35 +18,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from bts.data.sources.math import expected_continuation, format_prompt, math_problems
 from bts.errors import BtsError
 from bts.evaluate import EvalLimits, evaluate_models, write_records
 from bts.fileio import write_json
 from bts.models import load_causal_lm
+from bts.progress import progress
 from bts.report import write_report
-from bts.stages import Run, baselines, make_seed, stitch, train_expert
+from bts.stages import Run, baselines, make_seed, once, stitch, train_expert
 from bts.stitch import EXPERTS_INTO_HUB, StitchedModel
+from bts.train import RESULT
 
 SystemLoader = Callable[[], torch.nn.Module]
 
 
-def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None]]:
-    """(name, loader, training stage whose tokens/seconds it reports) for every system."""
+def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path]]]:
+    """(name, loader, training stage whose tokens/seconds it reports, the directories whose files
+    make the system) for every system."""
     domains = run.config.expert_domains
-    yield "seed", lambda: load_causal_lm(make_seed(run)), "seed"
+    seed = make_seed(run)
+    experts = {d: train_expert(run, d) for d in domains}
+    yield "seed", lambda: load_causal_lm(seed), "seed", [seed]
     for d in domains:
-        yield f"expert:{d}", lambda d=d: load_causal_lm(train_expert(run, d)), f"experts/{d}"
-    yield "bts", lambda: StitchedModel.from_pretrained(stitch(run)), "stitch"
+        yield f"expert:{d}", lambda d=d: load_causal_lm(experts[d]), f"experts/{d}", [experts[d]]
+    stitched = stitch(run)
+    yield "bts", lambda: StitchedModel.from_pretrained(stitched), "stitch", [stitched]
     built = baselines(run)
     if run.config.baselines.btm:
-        yield "btm", lambda: _btm(run), None
+        yield "btm", lambda: _btm(run), None, [seed, *experts.values()]
     for name, path in built.items():
-        yield name, lambda n=name, p=path: _load_baseline(n, p), _baseline_stage(run, name)
+        stage = _baseline_stage(run, name)
+        yield name, lambda n=name, p=path: _load_baseline(n, p), stage, [path]
     if len(domains) > 1:
         for d in domains:
-            yield f"bts-minus:{d}", lambda d=d: _without(stitch(run), d), None
+            yield f"bts-minus:{d}", lambda d=d: _without(stitched, d), None, [stitched]
 
 
 def missing_outputs(run: Run) -> list[str]:
@@ -298,36 +305,92 @@ def read_report(run: Run) -> dict:
     return json.loads(path.read_text())
 
 
+EVAL_CACHE = "eval-cache"
+
+
 def compare(run: Run) -> Path:
-    """Evaluate every system on every task; write report.json, gates.json and the report."""
+    """Evaluate every system on every task; write report.json, gates.json and the report.
+
+    Each system's evaluation is cached under RUN/eval-cache, keyed by its files' SHA-256, the
+    run's config and data: a re-run with nothing new evaluates nothing, and the report files
+    are rewritten only if the report changed.
+    """
     report: dict = {
         "systems": {},
         "domains": list(run.corpus),
+        "data": {name: data.fingerprint() for name, data in run.corpus.items()},
         "config": run.config.model_dump(mode="json"),
     }
-    previous = run.path("report.json")
-    if previous.is_file():  # ablations are added by `bts ablate`; a new report keeps them
-        report["ablations"] = json.loads(previous.read_text()).get("ablations", {})
+    previous_path = run.path("report.json")
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
+    if previous is not None and "ablations" in previous:  # `bts ablate` adds them; kept
+        report["ablations"] = previous["ablations"]
     records: list[dict] = []
     gates = None
-    for name, load, stage in tqdm(list(systems(run)), desc="evaluate", unit="system"):
-        model = configure(load(), run)
-        _trained_params(name, model, run)
-        summary = evaluate_system(run, name, model, stage)
-        records += summary.pop("records")
-        report["systems"][name] = summary
-        if name == "bts":
-            gates = gate_analysis(run, model)
-        del model
+    for name, load, stage, paths in progress(list(systems(run)), desc="evaluate", unit="system"):
+        entry = _cached_evaluation(run, name, load, stage, paths)
+        records += entry["summary"].pop("records")
+        report["systems"][name] = entry["summary"]
+        gates = entry.get("gates", gates)
     default_btx = run.config.baselines.btx
     if default_btx is not None and f"btx_{default_btx.routing}" in report["systems"]:
         alias = f"btx_{default_btx.routing}"  # `btx` is the config's default variant
         report["systems"]["btx"] = {"alias_of": alias, **report["systems"][alias]}
+    if _same(previous, report) and run.path("report.md").is_file():
+        return run.path("report.md")  # nothing changed: keep the files as they are
     write_records(records, run.path("eval.json"))
     write_json(run.path("report.json"), report)
     if gates is not None:
         write_json(run.path("gates.json"), gates)
     return write_report(run.root)
+
+
+def _same(a: dict | None, b: dict) -> bool:
+    """Equal as JSON (NaN, which some empty evaluations give, never equals itself in Python)."""
+    return a is not None and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _cached_evaluation(
+    run: Run, name: str, load: SystemLoader, stage: str | None, paths: list[Path]
+) -> dict:
+    """A system's report entry (with its records, and gates for `bts`), from the cache when
+    nothing that decides it changed."""
+    result = run.path("train", stage, RESULT) if stage else None
+    files = [*paths, *([result] if result is not None and result.is_file() else [])]
+    key = evaluation_key(run, name, files)
+    cache = run.path(EVAL_CACHE, f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.json")
+    if cache.is_file():
+        entry = json.loads(cache.read_text())
+        if entry.get("key") == key:
+            return entry
+    model = configure(load(), run)
+    _trained_params(name, model, run)
+    entry = {"key": key, "name": name, "summary": evaluate_system(run, name, model, stage)}
+    if name == "bts":
+        entry["gates"] = gate_analysis(run, model)
+    once(write_json, cache, entry)
+    return json.loads(json.dumps(entry))  # the same floats as a cache hit would read
+
+
+def evaluation_key(run: Run, name: str, paths: list[Path]) -> str:
+    """SHA-256 over what decides a system's evaluation: its name, every file of its
+    directories (weights, configs, manifests), the run's config, and the data's content."""
+    digest = hashlib.sha256(f"bts-eval-v1\0{name}\0".encode())
+    digest.update(json.dumps(run.config.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(json.dumps({d: v.sha256 for d, v in run.corpus.items()}, sort_keys=True).encode())
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(f"{file.relative_to(path.parent)}\0{file_sha256(file)}\0".encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def configure(model: torch.nn.Module, run: Run) -> torch.nn.Module:

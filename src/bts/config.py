@@ -154,7 +154,7 @@ class StitchConfig(Strict):
     """Only the stitch layers train, on a small mix of the expert domains.
 
     The defaults are the paper's main setup; the other values exist for its ablations
-    (configs/ablations/): fewer or more stitch layers, experts-into-hub only, an expert as the
+    (src/bts/ablations/): fewer or more stitch layers, experts-into-hub only, an expert as the
     hub, general data in the mix, and the paper's random initialisation.
     """
 
@@ -321,7 +321,9 @@ def load_config(path: str | Path) -> RunConfig:
         raise BtsError(
             f"{path} is not valid YAML ({err.__class__.__name__}): fix its syntax"
         ) from err
-    if data is not None and not isinstance(data, dict):
+    if data is None or data == {}:  # an empty file would silently mean "every default"
+        raise BtsError(f"{path} is empty: copy configs/demo.yaml and edit it")
+    if not isinstance(data, dict):
         raise BtsError(f"{path} must hold a mapping of sections (data, seed_model, ...)")
     return parse_config(data, str(path))
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from tqdm.auto import tqdm
 
 from bts.errors import BtsError
 from bts.fileio import write_json
+from bts.progress import progress
 from bts.sandbox import FAILED, PASSED, run_program
 
 TASKS = ("loss", "math", "humaneval_loss", "humaneval_pass1")
@@ -149,7 +149,9 @@ def _generate(
         )
     texts: list[str] = []
     with _left_padding(tokenizer), _inference(model):
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=None):
+        for start in progress(
+            range(0, len(prompts), batch_size), desc="generate", unit="batch", leave=False
+        ):
             batch = tokenizer(
                 list(prompts[start : start + batch_size]), return_tensors="pt", padding=True
             )
@@ -202,7 +204,9 @@ def held_out_loss(
     tokens = _as_token_matrix(sequences)[:max_sequences]
     total, count = torch.zeros((), dtype=torch.float64), 0
     with _inference(model):
-        for start in tqdm(range(0, len(tokens), batch_size), desc="loss", disable=None):
+        for start in progress(
+            range(0, len(tokens), batch_size), desc="loss", unit="batch", leave=False
+        ):
             losses = _token_losses(model, tokens[start : start + batch_size])
             total += losses.double().sum().cpu()
             count += losses.numel()
@@ -297,7 +301,7 @@ def humaneval_loss(
     context = _max_length(model, max_length)
     total, count = torch.zeros((), dtype=torch.float64), 0
     with _inference(model):
-        for problem in tqdm(selected, desc="humaneval loss", disable=None):
+        for problem in progress(selected, desc="humaneval loss", unit="problem", leave=False):
             losses = _solution_losses(model, tokenizer, problem, context)
             total += losses.double().sum().cpu()
             count += losses.numel()

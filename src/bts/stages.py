@@ -33,7 +33,14 @@ from bts.data.mixes import MixSampler, mix_weights
 from bts.data.packing import DomainData, build_corpus
 from bts.data.tokenizer import load_tokenizer, train_tokenizer
 from bts.errors import BtsError
-from bts.fileio import atomic_dir, check_replaceable, check_target, lock_run, write_text
+from bts.fileio import (
+    atomic_dir,
+    check_replaceable,
+    check_target,
+    lock_run,
+    write_json,
+    write_text,
+)
 from bts.models import freeze_output_space, load_causal_lm
 from bts.stitch import (
     EXPERTS_INTO_HUB,
@@ -155,7 +162,7 @@ class Run:
     @cached_property
     def corpus(self) -> dict[str, DomainData]:
         data = self.config.data
-        return build_corpus(
+        corpus = build_corpus(
             data.sources,
             self.tokenizer,
             data.seq_len,
@@ -164,6 +171,8 @@ class Run:
             data.held_out_fraction,
             data.text_field,
         )
+        check_data(self.path(DATA_RECORD), corpus)
+        return corpus
 
     def sampler(
         self, domains: list[str], mix: MixConfig, batch_size: int, budget_tokens: int
@@ -180,6 +189,28 @@ class Run:
     def train_result(self, stage: str) -> TrainResult | None:
         path = self.path("train", stage, RESULT)
         return TrainResult.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+DATA_RECORD = "data.json"
+
+
+def check_data(record: Path, corpus: dict[str, DomainData]) -> None:
+    """Record each domain's content hash on first use; refuse a run whose data changed since,
+    because its finished stages were trained and its report scored on other documents."""
+    found = {name: data.fingerprint() for name, data in corpus.items()}
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        for name, now in found.items():
+            before = saved.get(name, {}).get("sha256")
+            if before is not None and before != now["sha256"]:
+                raise BtsError(
+                    f"the data of domain '{name}' changed since this run began (content "
+                    f"sha256 {before[:12]} -> {now['sha256'][:12]}, {now['source']}): restore "
+                    "it, or start a new run with another --out"
+                )
+        if all(name in saved for name in found):
+            return
+    once(write_json, record, found)
 
 
 def _saved_config(path: Path) -> RunConfig:

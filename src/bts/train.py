@@ -39,11 +39,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from bts.errors import BtsError
 from bts.fields import Count, Float, NonNegativeFloat, PositiveCount, PositiveFloat
+from bts.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +232,12 @@ class _Run:
         writer = (
             SummaryWriter(self.out_dir / "tb", purge_step=self.progress.step + 1) if main else None
         )
-        bar = tqdm(
-            total=self.cfg.steps, initial=self.progress.step, desc=self.name, disable=not main
+        bar = progress(
+            total=self.cfg.steps,
+            initial=self.progress.step,
+            desc=self.name,
+            unit="step",
+            disable=not main,
         )
         self.wrapped.train()
         start, seconds0 = time.perf_counter(), self.progress.seconds
@@ -245,8 +249,8 @@ class _Run:
                 self.progress.seconds = seconds0 + time.perf_counter() - start
                 now = time.perf_counter()
                 tps = (self.progress.tokens - window[1]) / max(now - window[0], 1e-9)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}", refresh=False)
+                bar.update(1)  # after the postfix, so that a log line shows this step's loss
                 step = self.progress.step
                 if main and (step % self.cfg.log_every == 0 or step == self.cfg.steps):
                     self._log(writer, loss, lr, grad_norm, tps)
