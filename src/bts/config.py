@@ -168,12 +168,35 @@ class StitchConfig(Strict):
     experts: list[str] | None = Field(None, min_length=1)
     # the stitch mix (default: the stitched experts' domains)
     domains: list[str] | None = Field(None, min_length=1)
-    init: Literal["identity", "random"] = "identity"  # docs/stitching.md
+    # "paper": Eq. 3-4 as written (raw gate input, no gate bias, projected expert streams,
+    # nn.Linear init with a = 1); "bts": ours. The three options below override the preset.
+    variant: Literal["bts", "paper"] = "bts"
+    gate_input: Literal["rms", "raw"] | None = None
+    gate_bias: bool | None = None
+    expert_stream: Literal["keep", "project"] | None = None
+    init: Literal["identity", "random"] = "identity"  # docs/stitching.md; "paper" -> random
     gate_dropout: float = Field(0.1, ge=0, lt=1)
     gate_gain: PositiveFloat = 1.0  # docs/stitching.md
     batch_size: PositiveCount = 16
     mix: MixConfig = MixConfig()
     train: TrainConfig = TrainConfig(steps=150, lr=3e-3, warmup_steps=10)
+
+    @pydantic.model_validator(mode="after")
+    def _paper_init(self):
+        if self.variant == "paper" and "init" not in self.model_fields_set:
+            self.init = "random"  # the paper's layer starts from nn.Linear's init, a = 1
+        return self
+
+    def options(self):
+        """The stitch layers' StitchOptions: the variant's preset, then explicit overrides."""
+        from bts.stitch import PAPER_OPTIONS, StitchOptions
+
+        preset = PAPER_OPTIONS if self.variant == "paper" else StitchOptions()
+        chosen = {
+            key: getattr(self, key) if getattr(self, key) is not None else getattr(preset, key)
+            for key in ("gate_input", "gate_bias", "expert_stream")
+        }
+        return StitchOptions(gate_dropout=self.gate_dropout, gate_gain=self.gate_gain, **chosen)
 
 
 class BaselinesConfig(Strict):

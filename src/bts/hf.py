@@ -30,7 +30,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from bts.stitch import HUB, StitchedModel, StitchPoint
+from bts.stitch import HUB, StitchedModel, StitchOptions, StitchPoint
 
 MODEL_TYPE = "bts_stitched"
 # what generate(), pipelines and lm-eval read from a causal LM's config; copied from the hub's
@@ -58,6 +58,9 @@ class BtsStitchedConfig(PretrainedConfig):
     placement: list | None = None
     gate_dropout: float = 0.1
     gate_gain: float = 1.0
+    gate_input: str = "rms"
+    gate_bias: bool = True
+    expert_stream: str = "keep"
     use_cache: bool = True
     # the hub's head is tied or not inside the hub; the wrapper itself ties nothing
     tie_word_embeddings: bool = False
@@ -174,6 +177,9 @@ class BtsStitchedForCausalLM(PreTrainedModel, GenerationMixin):
             placement=[[p.after_layer, p.kind] for p in model.placement],
             gate_dropout=model.gate_dropout,
             gate_gain=model.gate_gain,
+            gate_input=model.options.gate_input,
+            gate_bias=model.options.gate_bias,
+            expert_stream=model.options.expert_stream,
             dtype=next(model.parameters()).dtype,
         )
         wrapper = cls(config, stitched=model)
@@ -245,7 +251,14 @@ def _build(config: BtsStitchedConfig) -> StitchedModel:
         for name in config.expert_configs
     }
     placement = [StitchPoint(int(after), kind) for after, kind in config.placement]
-    return StitchedModel(hub, experts, placement, config.gate_dropout, config.gate_gain)
+    options = StitchOptions(
+        gate_dropout=config.gate_dropout,
+        gate_gain=config.gate_gain,
+        gate_input=config.gate_input,
+        gate_bias=config.gate_bias,
+        expert_stream=config.expert_stream,
+    )
+    return StitchedModel(hub, experts, placement, options=options)
 
 
 BtsStitchedConfig.register_for_auto_class()

@@ -512,8 +512,7 @@ def build_stitched(run: Run, config: RunConfig) -> StitchedModel:
         load_models(spokes),
         placement=placement,
         num_stitches=count,
-        gate_dropout=spec.gate_dropout,
-        gate_gain=spec.gate_gain,
+        options=spec.options(),
     )
     if spec.init == "random":
         random_initialisation(model, config.seed)

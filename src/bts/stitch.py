@@ -59,6 +59,41 @@ class StitchPoint:
     kind: StitchKind
 
 
+GateInput = Literal["rms", "raw"]
+ExpertStream = Literal["keep", "project"]
+
+
+@dataclass(frozen=True)
+class StitchOptions:
+    """How every stitch layer of a model computes (docs/stitching.md, "Options").
+
+    - gate_input: gates read the RMS-normalised hub state ("rms", ours) or the raw one ("raw",
+      Eq. 3-4 as written);
+    - gate_bias: gate linears have a bias (ours) or not (the paper's pseudo-code);
+    - expert_stream: after an experts-into-hub stitch each expert's next block reads its own
+      h_i ("keep", ours) or W_proj_i(h_i) ("project", Eq. 3 and the appendix pseudo-code).
+    """
+
+    gate_dropout: float = 0.1
+    gate_gain: float = 1.0
+    gate_input: GateInput = "rms"
+    gate_bias: bool = True
+    expert_stream: ExpertStream = "keep"
+
+    def __post_init__(self):
+        if self.gate_input not in ("rms", "raw"):
+            raise BtsError(f"gate_input '{self.gate_input}' is unknown: use 'rms' or 'raw'")
+        if self.expert_stream not in ("keep", "project"):
+            raise BtsError(
+                f"expert_stream '{self.expert_stream}' is unknown: use 'keep' or 'project'"
+            )
+
+
+# The paper's layer as written (Sec. 2.3, Eq. 3-4, Appendix B): raw hub state into the gates, no
+# gate bias, projected expert streams; with `random_initialisation` (nn.Linear init, a = 1).
+PAPER_OPTIONS = StitchOptions(gate_input="raw", gate_bias=False, expert_stream="project")
+
+
 def default_placement(num_layers: int, num_stitches: int = 4) -> list[StitchPoint]:
     """Paper placement: one stitch every floor(L/K) blocks, kinds alternating, last experts-into-hub.
 
@@ -140,10 +175,11 @@ def _identity_linear(width: int) -> nn.Linear:
     return layer
 
 
-def _zero_linear(width: int) -> nn.Linear:
-    layer = nn.Linear(width, width)
+def _zero_linear(width: int, bias: bool = True) -> nn.Linear:
+    layer = nn.Linear(width, width, bias=bias)
     nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
+    if bias:
+        nn.init.zeros_(layer.bias)
     return layer
 
 
@@ -157,10 +193,15 @@ class StitchLayer(nn.Module):
         experts: Sequence[str],
         gate_dropout: float = 0.1,
         gate_gain: float = 1.0,
+        options: StitchOptions | None = None,
     ):
         super().__init__()
         self.kind = kind
         self.width = width
+        options = options or StitchOptions(gate_dropout, gate_gain)
+        self.gate_input, self.gate_bias = options.gate_input, options.gate_bias
+        self.expert_stream = options.expert_stream
+        gate_dropout, gate_gain = options.gate_dropout, options.gate_gain
         # Gate logits and scales are gate_gain x their stored parameters (all zero at init). Adam
         # moves every parameter about lr per step, so this is a gate learning rate gate_gain times
         # the projections': gates can saturate within a short budget while P stays near identity.
@@ -170,7 +211,7 @@ class StitchLayer(nn.Module):
         self.scale = nn.ParameterDict()
         self.dropout = nn.Dropout(gate_dropout)
         if kind == EXPERTS_INTO_HUB:
-            self.gate[HUB] = _zero_linear(width)
+            self.gate[HUB] = _zero_linear(width, self.gate_bias)
         for name in experts:
             self.add_expert(name)
 
@@ -181,7 +222,7 @@ class StitchLayer(nn.Module):
     def add_expert(self, name: str) -> None:
         """Fresh parameters for one expert: identity projection, zero gate, scale 0 (a no-op)."""
         self.proj[name] = _identity_linear(self.width)
-        self.gate[name] = _zero_linear(self.width)
+        self.gate[name] = _zero_linear(self.width, self.gate_bias)
         self.scale[name] = nn.Parameter(torch.zeros(self.width))
 
     def remove_expert(self, name: str) -> None:
@@ -196,10 +237,12 @@ class StitchLayer(nn.Module):
     def _gate_logits(self, hub: torch.Tensor, sources: list[str]) -> torch.Tensor:
         """Gate logits of shape [..., len(sources), width], all from the hub's state, one matmul."""
         weight = torch.cat([self.gate[s].weight for s in sources])
-        bias = torch.cat([self.gate[s].bias for s in sources])
-        # gates read the RMS-normalised hub state, as the hub's own blocks do (pre-norm): the
-        # residual stream's scale grows with depth and would otherwise set the gates' temperature
-        logits = self.gate_gain * F.linear(F.rms_norm(hub, (self.width,)), weight, bias)
+        bias = torch.cat([self.gate[s].bias for s in sources]) if self.gate_bias else None
+        # by default gates read the RMS-normalised hub state, as the hub's own blocks do
+        # (pre-norm): the residual stream's scale grows with depth and would otherwise set the
+        # gates' temperature; "raw" is Eq. 3-4 as written
+        read = F.rms_norm(hub, (self.width,)) if self.gate_input == "rms" else hub
+        logits = self.gate_gain * F.linear(read, weight, bias)
         return self.dropout(logits.unflatten(-1, (len(sources), self.width)))
 
     def forward(
@@ -232,9 +275,12 @@ class StitchLayer(nn.Module):
             priors = priors * rows[:, None, :, None]
         unnormalised = priors * _stable_exp(logits, priors)
         gates = unnormalised / unnormalised.sum(dim=-2, keepdim=True)
+        projected = {name: self.proj[name](experts[name]) for name in names}
         mixed = gates[..., 0, :] * hub
         for i, name in enumerate(names, start=1):
-            mixed = mixed + gates[..., i, :] * self.proj[name](experts[name])
+            mixed = mixed + gates[..., i, :] * projected[name]
+        if self.expert_stream == "project":  # Eq. 3: expert i's next block reads P_i(h_i)
+            return mixed, {**experts, **projected}, gates
         return mixed, experts, gates
 
     def _hub_into_experts(self, hub, experts, names):
@@ -300,9 +346,12 @@ class StitchedModel(nn.Module):
         gate_dropout: float = 0.1,
         gate_gain: float = 1.0,
         batched: bool = True,
+        options: StitchOptions | None = None,
     ):
         super().__init__()
         decoder(hub, "hub")
+        self.options = options or StitchOptions(gate_dropout, gate_gain)
+        gate_dropout, gate_gain = self.options.gate_dropout, self.options.gate_gain
         self.batched = batched
         self._stacked: StackedWeights | None = None
         self._unstackable: tuple | None = None  # (signature, reason) of the last refusal
@@ -314,7 +363,7 @@ class StitchedModel(nn.Module):
         self._check_placement()
         self.stitches = nn.ModuleDict(
             {
-                str(p.after_layer): StitchLayer(p.kind, self.width, [], gate_dropout, gate_gain)
+                str(p.after_layer): StitchLayer(p.kind, self.width, [], options=self.options)
                 for p in self.placement
             }
         )
@@ -332,15 +381,18 @@ class StitchedModel(nn.Module):
         gate_dropout: float = 0.1,
         gate_gain: float = 1.0,
         batched: bool = True,
+        options: StitchOptions | None = None,
     ) -> StitchedModel:
-        """Stitch loaded causal LMs; `placement` overrides the paper's default of `num_stitches`."""
+        """Stitch loaded causal LMs; `placement` overrides the paper's default of `num_stitches`.
+        `options` (all stitch-layer settings) replaces gate_dropout and gate_gain when given."""
         if placement is None:
             points = default_placement(hub.config.num_hidden_layers, num_stitches)
         else:
             points = [
                 p if isinstance(p, StitchPoint) else StitchPoint(int(p[0]), p[1]) for p in placement
             ]
-        return cls(hub, experts, points, gate_dropout, gate_gain, batched=batched)
+        options = options or StitchOptions(gate_dropout, gate_gain)
+        return cls(hub, experts, points, batched=batched, options=options)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> StitchedModel:

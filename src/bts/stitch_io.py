@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from bts.errors import BtsError
 from bts.fileio import atomic_dir
 from bts.models import MANIFEST_DTYPES, constituent_entry, load_constituent
-from bts.stitch import StitchedModel, StitchKind, StitchPoint
+from bts.stitch import StitchedModel, StitchKind, StitchOptions, StitchPoint
 
 MANIFEST = "bts_stitch.json"
 WEIGHTS = "stitch.safetensors"
@@ -34,7 +34,9 @@ VERSION = 1  # what save_stitched writes
 VERSIONS = (1,)  # what load_stitched reads
 DIGEST = "bts_manifest_sha256"  # key of the manifest digest in the safetensors metadata
 KINDS: tuple[str, ...] = get_args(StitchKind)
-_FIELDS = ("format", "version", "placement", "gate_dropout", "gate_gain", "hub", "experts")
+# layer options added after version 1's first manifests: absent means the default (OPTIONS)
+OPTIONS = {"gate_input": ("rms", "raw"), "gate_bias": (True, False), "expert_stream": ("keep", "project")}
+_FIELDS = ("format", "version", "placement", "gate_dropout", "gate_gain", *OPTIONS, "hub", "experts")
 _ENTRY_FIELDS = ("path", "sha256", "dtype")
 _RESAVE = "re-save the stitched model"
 
@@ -47,11 +49,24 @@ def manifest(model: StitchedModel, directory: Path) -> dict:
         "placement": [[p.after_layer, p.kind] for p in model.placement],
         "gate_dropout": model.gate_dropout,
         "gate_gain": model.gate_gain,
+        "gate_input": model.options.gate_input,
+        "gate_bias": model.options.gate_bias,
+        "expert_stream": model.options.expert_stream,
         "hub": constituent_entry(model.hub, "the hub", directory),
         "experts": {
             n: constituent_entry(m, f"expert '{n}'", directory) for n, m in model.experts.items()
         },
     }
+
+
+def manifest_options(info: dict) -> StitchOptions:
+    """The stitch-layer options a (validated) manifest records; defaults for older manifests."""
+    defaults = StitchOptions()
+    return StitchOptions(
+        gate_dropout=info["gate_dropout"],
+        gate_gain=info.get("gate_gain", 1.0),
+        **{key: info.get(key, getattr(defaults, key)) for key in OPTIONS},
+    )
 
 
 def manifest_digest(info: dict) -> str:
@@ -68,6 +83,8 @@ def manifest_digest(info: dict) -> str:
             for name, entry in [("hub", info["hub"]), *info["experts"].items()]
         ],
     }
+    # only the options a manifest records: a manifest saved before they existed keeps its digest
+    content |= {key: info[key] for key in OPTIONS if key in info}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -159,6 +176,11 @@ def _validate(path: Path, info: dict) -> None:
     gain = info.get("gate_gain", 1.0)  # absent from manifests written before gate_gain existed
     if not _is_number(gain) or gain <= 0:
         raise _bad(path, "gate_gain", f"is {gain!r}, not a finite positive number")
+    for key, allowed in OPTIONS.items():
+        if key in info and (info[key] not in allowed or type(info[key]) is not type(allowed[0])):
+            raise _bad(
+                path, key, f"is {info[key]!r}, not one of {', '.join(map(repr, allowed))}"
+            )
     _validate_entry(path, "hub", info["hub"])
     experts = info["experts"]
     if not isinstance(experts, dict):
@@ -229,7 +251,7 @@ def load_stitched(directory: Path) -> StitchedModel:
         for name, entry in info["experts"].items()
     }
     placement = [StitchPoint(a, kind) for a, kind in info["placement"]]
-    model = StitchedModel(hub, experts, placement, info["gate_dropout"], info.get("gate_gain", 1.0))
+    model = StitchedModel(hub, experts, placement, options=manifest_options(info))
     try:
         weights = load_file(str(directory / WEIGHTS))
     except (SafetensorError, OSError) as err:
