@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
@@ -124,19 +125,11 @@ def pretrained_seed(tmp_path_factory) -> Path:
     """A tiny 'pretrained' causal LM directory with its own tokenizer."""
     out = tmp_path_factory.mktemp("pretrained") / "seed"
     tok = train_tokenizer([LEGAL, "def f(x):\n    return x + 1\n" * 20], 300, out)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}
+    ids = {k: getattr(tok, k) for k in ("eos_token_id", "bos_token_id", "pad_token_id")}
+    config = LlamaConfig(**{**TINY, **shape, **ids, "vocab_size": len(tok)},
+                         tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(out)
     return out
 

@@ -80,26 +80,10 @@ def progress(
     `disable=None` means the same as False here (tqdm would switch a bar off when stderr is not
     a terminal; a log gets plain lines instead). Other keyword arguments go to tqdm only.
     """
+    common = dict(total=total, desc=desc, initial=initial, unit=unit, disable=bool(disable))
     if stderr_is_terminal():
-        return tqdm(
-            iterable,
-            total=total,
-            desc=desc,
-            initial=initial,
-            unit=unit,
-            disable=bool(disable),
-            leave=leave,
-            **kw,
-        )
-    return LogProgress(
-        iterable,
-        total=total,
-        desc=desc,
-        initial=initial,
-        unit=unit,
-        disable=bool(disable),
-        leave=leave,
-    )
+        return tqdm(iterable, leave=leave, **common, **kw)
+    return LogProgress(iterable, leave=leave, **common)
 
 
 class LogProgress:
