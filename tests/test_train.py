@@ -14,7 +14,7 @@ from ddp_worker import DDP_CFG, VOCAB, batches, tiny_llama, trainable
 
 import bts.train as bt
 from bts.errors import BtsError
-from bts.train import TrainConfig, TrainResult, train
+from bts.train import TrainConfig, TrainResult, _Progress, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -219,6 +219,15 @@ def test_loss_spike_is_skipped(tmp_path):
     assert result.skipped == 1
     [skip] = skip_records(tmp_path)
     assert skip["step"] == 4 and skip["reason"] == "loss spike"
+
+
+def test_small_losses_varying_by_large_ratios_are_not_spikes():
+    guard = _Progress()
+    for loss in [0.05] * 30:
+        guard.record(loss, skipped=False)
+    cfg = GUARD_CFG.model_copy(update={"spike_warmup": 20})
+    assert guard.skip_code(0.27, 1.0, cfg) == 0  # 5x the mean, but 0.22 nats above it
+    assert guard.skip_code(0.6, 1.0, cfg) != 0  # 12x and 0.55 nats above: a spike
 
 
 def test_persistent_nan_raises_after_max_consecutive_skips(tmp_path):

@@ -72,6 +72,9 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     log_every: PositiveCount = 10
     seed: Count = 0
     spike_factor: PositiveFloat = 3.0  # loss > spike_factor * running mean is a spike ...
+    # ... and at least this many nats above it: a small loss (a router's, near 0) varies by
+    # large ratios from batch to batch without anything going wrong
+    spike_min_delta: NonNegativeFloat = 0.5
     spike_warmup: Count = 20  # ... once this many steps were accepted
     max_consecutive_skips: PositiveCount = 5
 
@@ -104,7 +107,8 @@ class _Progress:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return _NON_FINITE
         if self.accepted >= cfg.spike_warmup and self.recent:
-            if loss > cfg.spike_factor * sum(self.recent) / len(self.recent):
+            mean = sum(self.recent) / len(self.recent)
+            if loss > cfg.spike_factor * mean and loss - mean > cfg.spike_min_delta:
                 return _SPIKE
         return _NO_SKIP
 
