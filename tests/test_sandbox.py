@@ -153,11 +153,17 @@ def test_interrupted_parent_leaves_no_child(tmp_path):
         if _wait_for(lambda: _read_pid(pid_file) is not None, 20):
             _thread.interrupt_main()
 
-    watcher = threading.Thread(target=interrupt_when_started)
-    watcher.start()
-    with pytest.raises(KeyboardInterrupt):
-        run_program(_loop_forever_writing_pid(pid_file), timeout=60)
-    watcher.join()
+    # a background job of a non-interactive shell starts with SIGINT ignored, and then
+    # interrupt_main does nothing: give this test Python's own handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        watcher = threading.Thread(target=interrupt_when_started)
+        watcher.start()
+        with pytest.raises(KeyboardInterrupt):
+            run_program(_loop_forever_writing_pid(pid_file), timeout=60)
+        watcher.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     child = _read_pid(pid_file)
     assert child is not None
     assert _gone(child)  # killed and reaped before run_program gave up, not by a death signal
