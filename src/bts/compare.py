@@ -56,24 +56,19 @@ def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path
 
 
 def missing_outputs(run: Run) -> list[str]:
-    """The stage outputs that `compare` needs and the run does not have yet."""
+    """The stage outputs that `compare` needs (every one `Run.outputs` lists, but the tokenizer
+    and the branches) and the run does not have yet."""
     from bts.stages import is_complete
 
-    spec = run.config.baselines
-    needed = ["seed", *(f"experts/{d}" for d in run.config.expert_domains)]
-    missing = [p for p in needed if not is_complete(run.path(p))]
-    if not (run.path("stitched") / "bts_stitch.json").is_file():
-        missing.append("stitched")
-    baselines_needed = [f"baselines/{m.method}" for m in spec.merges]
-    if spec.btx is not None:
-        baselines_needed += [f"baselines/btx_{r}" for r in spec.btx_variants]
-    if spec.bam is not None:
-        baselines_needed.append("baselines/bam")
-    missing += [p for p in baselines_needed if not is_complete(run.path(p))]
-    if spec.expert_routing is not None and not (
-        run.path("baselines", "expert_routing", "bts_routing.json").is_file()
-    ):
-        missing.append("baselines/expert_routing")
+    done = {"stitched": "bts_stitch.json", "routing": "bts_routing.json"}
+    missing = []
+    for path, kind in run.outputs().items():
+        name = path.relative_to(run.root).as_posix()
+        if kind == "tokenizer" or name.startswith("branches/"):
+            continue
+        complete = (path / done[kind]).is_file() if kind in done else is_complete(path)
+        if not complete:
+            missing.append(name)
     return missing
 
 
