@@ -40,6 +40,7 @@ from bts.evaluate import held_out_loss
 from bts.fileio import write_json
 from bts.models import load_causal_lm
 from bts.progress import quiet_libraries
+from bts.repeat import with_train_seed
 from bts.stages import (
     DATA_RECORD,
     Run,
@@ -51,6 +52,7 @@ from bts.stages import (
     train_expert,
 )
 from bts.stitch import StitchedModel, causal_lm_loss
+from bts.train import train
 
 MISSING = (
     "MixtureKit is not installed: pip install --no-deps mixturekit==1.1.1 "
@@ -119,11 +121,11 @@ def constituents(run) -> tuple[Path, list[tuple[str, Path]]]:
 
 
 def training_batches(run, seed: int, steps: int) -> list[torch.Tensor]:
-    """The run's stitch sampler (its mix over the stitch domains), re-seeded: one list of
-    batches per training seed, shared by both systems. Seed = run.config.seed gives the batches
-    the run's own stitch stage saw."""
-    sampler = stitch_sampler(run, run.config.stitch_domains, run.config.stitch)
-    sampler.seed = seed
+    """The stitch stage's sampler (its mix over the stitch domains) at training seed `seed`:
+    one list of batches per seed, shared by every system. Seed 0 gives the very batches the
+    run's own stitch stage saw."""
+    config = with_train_seed(run.config, seed)
+    sampler = stitch_sampler(run, config.stitch_domains, config.stitch)
     return [sampler.batch(step) for step in range(steps)]
 
 
@@ -261,11 +263,22 @@ def check_mixturekit(model, hub: Path, spokes: list[tuple[str, Path]], rows: np.
     return f"{compared} tensors equal, streams after block 0 match (max |diff| {worst:.1e})"
 
 
-def build_bts(run):
-    """bts's own stitch layers, built like the run's stitch stage."""
-    model = build_stitched(run, run.config)
+def build_bts(run, seed: int = 0):
+    """bts's own stitch layers, built like the run's stitch stage at training seed `seed`."""
+    model = build_stitched(run, with_train_seed(run.config, seed))
     count = model.train_only()
     return model, count
+
+
+def train_stage(model, batches, run, seed: int, steps: int, tag: str) -> dict:
+    """bts's shipped recipe: the stitch stage's own loop and schedule (`bts.train.train` with
+    `stitch.train`, seed `seed`), on the shared batches."""
+    cfg = with_train_seed(run.config, seed).stitch.train.model_copy(update={"steps": steps})
+    log(f"{tag}: the stitch stage's recipe, lr {cfg.lr:g}, warm-up {cfg.warmup_steps} steps")
+    with tempfile.TemporaryDirectory(prefix="peer_stage_") as tmp:
+        result = train(model, lambda step: batches[step], cfg, Path(tmp), name=tag)
+    model.eval()
+    return {"seconds": result.seconds, "final_loss": result.final_loss, "lr": cfg.lr}
 
 
 # --- the loop and the scores --------------------------------------------------------------------
@@ -342,7 +355,7 @@ def summarise(per_seed: dict[int, dict[str, float]], columns: list[str]) -> dict
     return out
 
 
-def verdicts(mk: dict, ours: dict, columns: list[str]) -> dict:
+def verdicts(mk: dict, ours: dict, columns: list[str], name: str = "bts") -> dict:
     """Per column: mean and sd of the paired per-seed differences MixtureKit - bts; a winner
     only where |mean| > 2 sd (a tie otherwise, and always with a single seed)."""
     seeds = sorted(mk)
@@ -350,7 +363,7 @@ def verdicts(mk: dict, ours: dict, columns: list[str]) -> dict:
     for c in columns:
         diffs = [mk[s][c] - ours[s][c] for s in seeds]
         mean, sd = mean_sd(diffs)
-        lower = "mixturekit" if mean < 0 else "bts-plain-loop" if mean > 0 else "neither"
+        lower = "mixturekit" if mean < 0 else name if mean > 0 else "neither"
         decided = not math.isnan(sd) and abs(mean) > 2 * sd
         out[c] = {
             "diffs_mixturekit_minus_bts": diffs,
@@ -442,55 +455,69 @@ def prepare(run, held, real, rows, experts, hub, spokes, mk_dir: Path) -> dict:
     }
 
 
-def train_seeds(run, held, real, mk_dir: Path, seeds, steps: int, lr: float):
-    """Per training seed: one list of batches, both systems trained on it, then scored."""
+SYSTEMS = {
+    "stage": ["bts_stage"],
+    "plain": ["bts_plain_loop"],
+    "both": ["bts_stage", "bts_plain_loop"],
+}
+
+
+def train_seeds(run, held, real, mk_dir: Path, seeds, steps: int, lr: float, ours: list[str]):
+    """Per training seed: one list of batches, every system trained on it, then scored."""
     train_cfg = run.config.stitch.train
-    per_seed = {"mixturekit": {}, "bts_plain_loop": {}}
-    training = {"mixturekit": {}, "bts_plain_loop": {}}
+    per_seed = {name: {} for name in ["mixturekit", *ours]}
+    training = {name: {} for name in per_seed}
     for s in seeds:
         batches = training_batches(run, s, steps)
         log(f"seed {s}: {steps} batches of {tuple(batches[0].shape)}")
         for system in per_seed:
-            if system == "mixturekit":
-                model, _ = load_mixturekit(mk_dir)
-                params = [p for n, p in model.named_parameters() if "stitch" in n]
-            else:
-                model, _ = build_bts(run)
-                params = [p for p in model.parameters() if p.requires_grad]
-            torch.manual_seed(s)  # dropout masks: a function of the training seed
             tag = f"seed {s} {system}"
-            training[system][s] = train_plain(
-                model, params, batches, lr, train_cfg.betas, train_cfg.eps, tag
-            )
+            torch.manual_seed(s)  # dropout masks: a function of the training seed
+            if system == "bts_stage":
+                model, _ = build_bts(run, s)
+                training[system][s] = train_stage(model, batches, run, s, steps, tag)
+            else:
+                if system == "mixturekit":
+                    model, _ = load_mixturekit(mk_dir)
+                    params = [p for n, p in model.named_parameters() if "stitch" in n]
+                else:
+                    model, _ = build_bts(run, s)
+                    params = [p for p in model.parameters() if p.requires_grad]
+                training[system][s] = train_plain(
+                    model, params, batches, lr, train_cfg.betas, train_cfg.eps, tag
+                )
             per_seed[system][s] = with_average(score(model, held, run), real)
             log(f"{tag}: held-out average {per_seed[system][s]['average']:.4f}")
     return per_seed, training
 
 
+LABELS = {"bts_stage": "bts (its stitch stage's recipe)", "bts_plain_loop": "bts-plain-loop"}
+
+
 def print_results(run, rows, summaries, compare, columns, steps, lr, seeds) -> None:
     print(
-        f"\nheld-out loss (first {run.config.eval.max_sequences} rows per set, token-weighted), "
-        f"run {run.root}; training: {steps} steps, lr {lr:g}, seeds {seeds}"
+        f"\nheld-out loss (first {run.config.eval.max_sequences} test rows per set, "
+        f"token-weighted), run {run.root}; {steps} steps, mixturekit lr {lr:g}, seeds {seeds}"
     )
     table = [
         ("seed", rows["seed"], None),
         ("expert (own domain)", rows["experts_own_domain"], None),
         ("bts stitched stage (run's)", rows["bts_stitched_stage"], None),
         ("mixturekit (init)", rows["mixturekit_init"], None),
-        ("mixturekit", summaries["mixturekit"]["mean"], summaries["mixturekit"]["sd"]),
-        ("bts-plain-loop", summaries["bts_plain_loop"]["mean"], summaries["bts_plain_loop"]["sd"]),
+        *((LABELS.get(n, n), v["mean"], v["sd"]) for n, v in summaries.items()),
     ]
     print_table(table, columns)
-    print()
-    for c in columns:
-        v = compare[c]
-        sd = "n/a" if math.isnan(v["sd_diff"]) else f"{v['sd_diff']:.4f}"
-        if v["verdict"] == "tie":
-            why = "single seed" if math.isnan(v["sd_diff"]) else "|diff| <= 2 sd"
-            text = f"tie ({why}; {v['lower']} lower on average)"
-        else:
-            text = f"{v['lower']} lower, beyond 2 sd"
-        print(f"{c}: mixturekit - bts-plain-loop = {v['mean_diff']:+.4f} (sd {sd}): {text}")
+    for ours, verdict in compare.items():
+        print()
+        for c in columns:
+            v = verdict[c]
+            sd = "n/a" if math.isnan(v["sd_diff"]) else f"{v['sd_diff']:.4f}"
+            if v["verdict"] == "tie":
+                why = "single seed" if math.isnan(v["sd_diff"]) else "|diff| <= 2 sd"
+                text = f"tie ({why}; {v['lower']} lower on average)"
+            else:
+                text = f"{v['lower']} lower, beyond 2 sd"
+            print(f"{c}: mixturekit - {LABELS[ours]} = {v['mean_diff']:+.4f} (sd {sd}): {text}")
 
 
 def main() -> int:
@@ -498,7 +525,15 @@ def main() -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     parser.add_argument("--steps", type=int, default=None, help="default: stitch.train.steps")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="MixtureKit's (and the plain loop's)"
+    )
+    parser.add_argument(
+        "--bts",
+        choices=sorted(SYSTEMS),
+        default="stage",
+        help="bts trained by its stitch stage's recipe, by the shared plain loop, or both",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="default: RUN/peer_mixturekit.json")
     args = parser.parse_args()
@@ -525,10 +560,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="peer_mixturekit_") as tmp:
         mk_dir = Path(tmp) / "model"
         systems = prepare(run, held, real, rows, experts, hub, spokes, mk_dir)
-        per_seed, training = train_seeds(run, held, real, mk_dir, seeds, steps, args.lr)
+        per_seed, training = train_seeds(
+            run, held, real, mk_dir, seeds, steps, args.lr, SYSTEMS[args.bts]
+        )
 
     summaries = {k: summarise(v, columns) for k, v in per_seed.items()}
-    compare = verdicts(per_seed["mixturekit"], per_seed["bts_plain_loop"], columns)
+    compare = {
+        ours: verdicts(per_seed["mixturekit"], per_seed[ours], columns)
+        for ours in SYSTEMS[args.bts]
+    }
     print_results(run, rows, summaries, compare, columns, steps, args.lr, seeds)
 
     train_cfg, e = run.config.stitch.train, run.config.eval

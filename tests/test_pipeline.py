@@ -283,3 +283,63 @@ def test_inference_options_of_the_config_reach_stitched_models(smoke_run):
     model = configure(StitchedModel.from_pretrained(smoke_run / "stitched"), run)
     assert model.batched_reason == "batched is off"
     assert model.default_assistant is None and model.prune_threshold == 0.2
+
+
+def test_sweep_scores_validation_rows_per_seed_and_seed_0_is_the_runs_stitch(smoke_run, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "ours: {description: the run's own, stitch: {}}\n"
+        "uniform: {description: even blend, stitch: {init: uniform}}\n"
+    )
+    report = (smoke_run / "report.json").read_bytes()
+    result = bts("sweep", smoke_run, grid, "--seeds", "0,1", "--rows", "2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((smoke_run / "sweeps" / "grid" / "sweep.json").read_text())
+    assert summary["split"] == "validation" and summary["best"] in ("ours", "uniform")
+    ours = summary["points"]["ours"]["per_seed"]
+    assert ours["0"] != ours["1"]  # another training seed: other batches and dropout masks
+    # training seed 0 is exactly the run's stitch stage: same batches, same masks, same weights
+    seed0 = load_file(smoke_run / "sweeps/grid/ours/seed-0/stitched/stitch.safetensors")
+    run_own = load_file(smoke_run / "stitched" / "stitch.safetensors")
+    assert seed0.keys() == run_own.keys()
+    assert all(torch.equal(seed0[k], run_own[k]) for k in seed0)
+    uniform = load_file(smoke_run / "sweeps/grid/uniform/seed-0/stitched/stitch.safetensors")
+    assert any(not torch.equal(uniform[k], run_own[k]) for k in uniform)
+    # validation rows, not the report's: the run's report is untouched
+    assert (smoke_run / "report.json").read_bytes() == report
+    def trained():  # every file of each (point, seed): weights and validation scores
+        return {p: p.stat().st_mtime_ns for p in (smoke_run / "sweeps").rglob("seed-*/**/*")}
+
+    before = trained()
+    again = bts("sweep", smoke_run, grid, "--seeds", "0,1", "--rows", "2")
+    assert again.exit_code == 0 and len(before) > 4 and trained() == before
+    bad = bts("sweep", smoke_run, grid, "--seeds", "0,x")
+    assert bad.exit_code != 0 and "not a list of integers" in bad.output
+
+
+def test_repeat_retrains_trained_systems_with_other_seeds_and_reports_ties(smoke_run):
+    result = bts("repeat", smoke_run, "--seeds", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads((smoke_run / "report.json").read_text())
+    repeats = report["repeats"]
+    assert repeats["seeds"] == [0, 1]
+    trained = {"bts", "btx_soft", "btx_top1", "btx_top2", "bam", "expert_routing"}
+    assert trained <= set(repeats["systems"])
+    assert not {"seed", "linear", "btm"} & set(repeats["systems"])  # nothing to re-train
+    for name, entry in repeats["systems"].items():
+        # seed 0 is the run's own number, seed 1 a new training
+        assert entry["per_seed"]["0"]["code"] == report["systems"][name]["loss"]["code"], name
+        assert entry["per_seed"]["1"] != entry["per_seed"]["0"], name
+        assert report["systems"][name]["average_sd"] == entry["sd"]["average"]
+    assert set(repeats["bts_vs"]) == set(repeats["systems"]) - {"bts"}
+    # a repeat shares the run's seed and experts and trains in its own directory
+    one = smoke_run / "repeats" / "seed-1"
+    assert (one / "stitched" / "bts_stitch.json").is_file() and not (one / "seed").exists()
+    manifest = json.loads((one / "stitched" / "bts_stitch.json").read_text())
+    assert (one / "stitched" / manifest["hub"]["path"]).resolve() == (smoke_run / "seed").resolve()
+    assert "## Repeated seeds" in (smoke_run / "report.md").read_text()
+    before = {p: p.stat().st_mtime_ns for p in (smoke_run / "repeats").rglob("*") if p.is_file()}
+    again = bts("repeat", smoke_run, "--seeds", "2")
+    assert again.exit_code == 0, again.output
+    after = {p: p.stat().st_mtime_ns for p in (smoke_run / "repeats").rglob("*") if p.is_file()}
+    assert after == before  # nothing re-trained or re-scored

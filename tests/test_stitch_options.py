@@ -100,8 +100,9 @@ def test_every_option_round_trips_through_save_load_and_export(make_model, tmp_p
     from bts.data.tokenizer import train_tokenizer
     from bts.export import export
 
-    tokenizer = train_tokenizer(["def f(x):\n    return x + 1\n", "Some words."] * 8, 300,
-                                tmp_path / "tok")
+    tokenizer = train_tokenizer(
+        ["def f(x):\n    return x + 1\n", "Some words."] * 8, 300, tmp_path / "tok"
+    )
     vocab = len(tokenizer)
     hub, a, b = (make_model("llama-tied", seed=s, vocab_size=vocab) for s in range(3))
     for name, m in {"hub": hub, "a": a, "b": b}.items():
@@ -141,7 +142,9 @@ def test_edited_or_unknown_options_in_a_manifest_are_refused(make_model, tmp_pat
         make_model("llama-tied", seed=seed).save_pretrained(tmp_path / name)
     load = type(make_model("llama-tied")).from_pretrained
     model = StitchedModel.from_models(
-        load(tmp_path / "hub"), {"a": load(tmp_path / "a")}, num_stitches=2,
+        load(tmp_path / "hub"),
+        {"a": load(tmp_path / "a")},
+        num_stitches=2,
         options=StitchOptions(expert_stream="project"),
     )
     model.save_pretrained(tmp_path / "s")
@@ -156,3 +159,32 @@ def test_edited_or_unknown_options_in_a_manifest_are_refused(make_model, tmp_pat
         path.write_text(json.dumps({**saved, **edit}))
         with pytest.raises(BtsError, match=message):
             StitchedModel.from_pretrained(tmp_path / "s")
+
+
+def test_uniform_start_is_an_even_blend_and_a_later_expert_enters_silently(make_model):
+    from bts.stitch import uniform_initialisation
+
+    hub, a, b, c = (make_model("llama-tied", seed=s) for s in range(4))
+    model = StitchedModel.from_models(
+        hub, {"a": a, "b": b}, num_stitches=4, options=StitchOptions(gate_dropout=0.0)
+    )
+    uniform_initialisation(model)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    h0, h = (
+        torch.randn(2, 3, 32, generator=gen),
+        {n: torch.randn(2, 3, 32, generator=gen) for n in "ab"},
+    )
+    e2h = next(s for s in model.stitches.values() if s.kind == EXPERTS_INTO_HUB)
+    mixed, _, gates = e2h(h0, h)
+    torch.testing.assert_close(mixed, (h0 + h["a"] + h["b"]) / 3)  # MixtureKit's step 0
+    assert torch.allclose(gates, torch.full_like(gates, 1 / 3))
+    h2e = next(s for s in model.stitches.values() if s.kind == HUB_INTO_EXPERTS)
+    _, streams, _ = h2e(h0, h)
+    torch.testing.assert_close(streams["a"], (h["a"] + h0) / 2)
+    ids = torch.randint(0, 101, (2, 7), generator=gen)
+    with torch.no_grad():
+        before = model(ids).logits
+        model.add_expert("c", c)  # a new expert enters at a = 0 whatever the others' start
+        assert torch.equal(model(ids).logits, before)
+    assert not torch.equal(before, model.hub(ids).logits)  # the start is not the hub

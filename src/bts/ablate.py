@@ -78,9 +78,16 @@ def load_ablation(path: Path, base: RunConfig) -> Ablation:
             "(it re-runs the stitch stage on the run's seed and experts)"
         )
     merged = base.model_dump(mode="json")
-    merged["stitch"] = _merge(merged["stitch"], data["stitch"] or {})
+    merged["stitch"] = merge_overlay(merged["stitch"], data["stitch"] or {})
     config = parse_config(merged, str(path))
     return Ablation(Path(path).stem, str(data.get("description", "")), data["stitch"], config)
+
+
+def merge_overlay(base: dict, overlay: dict) -> dict:
+    """A config section with an overlay merged over it key by key (nested sections too)."""
+    if "variant" in overlay and "init" not in overlay:  # the variant picks its own init
+        base = {k: v for k, v in base.items() if k != "init"}
+    return _merge(base, overlay)
 
 
 def _merge(base: dict, overlay: dict) -> dict:

@@ -228,6 +228,58 @@ def ablate(
     _timed("ablate", stage, r, paths)
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise BtsError(f"--seeds '{text}' is not a list of integers: e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise BtsError(f"--seeds '{text}': give distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
+@app.command()
+@_friendly
+def sweep(
+    run_dir: RunDir,
+    grid: Annotated[
+        Path,
+        typer.Argument(help="YAML file: point name -> {description, system, stitch, baselines}"),
+    ],
+    seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated")] = "0,1,2",
+    rows: Annotated[int, typer.Option(help="Validation rows scored per domain", min=1)] = 64,
+) -> None:
+    """Train the stitch stage under each point of a grid with several seeds; score on validation."""
+    from bts.stages import Run
+    from bts.sweep import format_table
+    from bts.sweep import sweep as stage
+
+    r = Run.load(run_dir)
+    summary = stage(r, grid, _seeds(seeds), rows)
+    typer.echo(format_table(summary))
+    typer.echo(f"[bts] sweep: {r.path('sweeps', grid.stem, 'sweep.json')}", err=True)
+
+
+@app.command()
+@_friendly
+def repeat(
+    run_dir: RunDir,
+    seeds: Annotated[
+        int, typer.Option(help="Training seeds in all, the run's own included", min=2)
+    ] = 3,
+) -> None:
+    """Re-train the stitch stage and the trained baselines with more seeds; mean +- sd in the
+    report, and differences under two standard deviations shown as ties."""
+    from bts.compare import require_complete
+    from bts.repeat import repeat as stage
+    from bts.stages import Run
+
+    r = Run.load(run_dir)
+    require_complete(r)  # a repeat shares the run's seed and experts: they must exist
+    _timed("repeat", stage, r, seeds)
+    _headline(r.root)
+
+
 @app.command("add-expert")
 @_friendly
 def add_expert(

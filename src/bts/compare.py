@@ -49,7 +49,7 @@ def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path
         yield "btm", lambda: _btm(run), None, [seed, *experts.values()]
     for name, path in built.items():
         stage = _baseline_stage(run, name)
-        yield name, lambda n=name, p=path: _load_baseline(n, p), stage, [path]
+        yield name, lambda n=name, p=path: load_baseline(n, p), stage, [path]
     if len(domains) > 1:
         for d in domains:
             yield f"bts-minus:{d}", lambda d=d: _without(stitched, d), None, [stitched]
@@ -87,12 +87,12 @@ def _baseline_stage(run: Run, name: str) -> str | None:
     return name if run.path("train", name).is_dir() else None
 
 
-def _load_baseline(name: str, path: Path) -> torch.nn.Module:
+def load_baseline(name: str, path: Path) -> torch.nn.Module:
     if name == "expert_routing":
         from bts.baselines.routing import load_routing
 
         return load_routing(path)
-    if name == "bam":
+    if name in ("bam", "bam_adapters"):
         from bts.baselines.bam import load_bam
 
         return load_bam(path)
@@ -207,10 +207,10 @@ def _trained_params(name: str, model, run: Run) -> None:
         from bts.baselines.btx import set_btx_trainable
 
         set_btx_trainable(model, spec.btx.train_all)
-    elif name == "bam":
+    elif name in ("bam", "bam_adapters"):
         from bts.baselines.bam import set_bam_trainable
 
-        set_bam_trainable(model, spec.bam.train_all)
+        set_bam_trainable(model, getattr(spec, name).train_all)
     elif name == "expert_routing":
         model.requires_grad_(False)
         model.router.requires_grad_(True)
@@ -223,9 +223,19 @@ def _trained_params(name: str, model, run: Run) -> None:
 SWITCH = "domain_switch"
 
 
-def held_out_sets(run: Run) -> dict[str, np.ndarray]:
-    """Each domain's held-out rows, plus `domain_switch` when there are several domains."""
-    held = {d: data.held_out.array for d, data in run.corpus.items()}
+def held_out_sets(run: Run, validation: bool = False) -> dict[str, np.ndarray]:
+    """Each domain's held-out test rows (what the report scores), plus `domain_switch` when
+    there are several domains; with `validation`, the validation rows instead (for choices)."""
+    if validation:
+        missing = [d for d, data in run.corpus.items() if data.validation is None]
+        if missing:
+            raise BtsError(
+                f"domain(s) {', '.join(missing)} have too little held-out text for a validation "
+                "split: add documents or raise data.held_out_fraction"
+            )
+        held = {d: data.validation.array for d, data in run.corpus.items()}
+    else:
+        held = {d: data.held_out.array for d, data in run.corpus.items()}
     if len(held) > 1:
         held[SWITCH] = switch_rows(held, run.config.eval.max_sequences)
     return held
@@ -370,7 +380,7 @@ def _cached_evaluation(
 def evaluation_key(run: Run, name: str, paths: list[Path]) -> str:
     """SHA-256 over what decides a system's evaluation: its name, every file of its
     directories (weights, configs, manifests), the run's config, and the data's content."""
-    digest = hashlib.sha256(f"bts-eval-v1\0{name}\0".encode())
+    digest = hashlib.sha256(f"bts-eval-v2\0{name}\0".encode())  # v2: test half only
     digest.update(json.dumps(run.config.model_dump(mode="json"), sort_keys=True).encode())
     digest.update(json.dumps({d: v.sha256 for d, v in run.corpus.items()}, sort_keys=True).encode())
     for path in paths:

@@ -174,7 +174,10 @@ class StitchConfig(Strict):
     gate_input: Literal["rms", "raw"] | None = None
     gate_bias: bool | None = None
     expert_stream: Literal["keep", "project"] | None = None
-    init: Literal["identity", "random"] = "identity"  # docs/stitching.md; "paper" -> random
+    # identity: exactly the hub at step 0; uniform: P = I, zero gates, a = 1 (an even blend of
+    # the hub and experts, MixtureKit's start); random: nn.Linear's init, a = 1 (the paper's
+    # layer as written). docs/stitching.md; variant "paper" -> random unless set
+    init: Literal["identity", "uniform", "random"] = "identity"
     gate_dropout: float = Field(0.1, ge=0, lt=1)
     gate_gain: PositiveFloat = 1.0  # docs/stitching.md
     batch_size: PositiveCount = 16
@@ -211,7 +214,17 @@ class BaselinesConfig(Strict):
     # default: the stitch schedule at lr 1e-2 (the router reads RMS-normalised embeddings)
     routing_train: TrainConfig | None = None
     bam: BAMSpec | None = BAMSpec()
+    # BAM with adapters (the paper's Sec. 3.3): a BAMSpec with adapters: true, train_all: false
+    bam_adapters: BAMSpec | None = None
     bam_train: TrainConfig | None = None  # default: the stitch stage's schedule
+    # default: the stitch stage's schedule (frozen constituents, small trained parts, as BTS)
+    bam_adapters_train: TrainConfig | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _bam_adapters_has_adapters(self) -> BaselinesConfig:
+        if self.bam_adapters is not None and not self.bam_adapters.adapters:
+            raise ValueError("bam_adapters needs adapters: true (plain BAM is `bam`)")
+        return self
 
 
 class EvalConfig(Strict):

@@ -31,16 +31,16 @@ EXPERT_PREFIX = "expert:"
 MINUS_PREFIX = "bts-minus:"
 MERGES = ("linear", "task_arithmetic", "ties", "dare_ties")
 # the paper's other alternatives, in its Table 3 order (btx is an alias of a btx_* variant)
-OTHERS = ("btm", "expert_routing", "btx_soft", "btx_top1", "btx_top2", "btx", "bam")
+OTHERS = ("btm", "expert_routing", "btx_soft", "btx_top1", "btx_top2", "btx", "bam", "bam_adapters")
 ABLATIONS_PREFIX = "ablations/"
 SWITCH_SETS = ("domain_switch",)  # held-out rows that change domain mid-way (bts.compare)
 MAX_TOKENS = 64  # per-token gate plot: wider figures make unreadable labels
 MAX_TOKEN_CHARS = 10
 EMA_SPANS = 30  # a training curve is smoothed by an EMA spanning 1/30 of its points
 DASH = "–"
-# systems that yield one model to deploy (merges, the soup, BTX variants, BAM); not BTM or
-# expert routing (several models), experts, bts-minus rows or ablations
-SINGLE_MODEL = (*MERGES, "soup", "bam")
+# systems that yield one model to deploy (merges, the soups, BTX variants, BAM with and without
+# adapters); not BTM or expert routing (several models), experts, bts-minus rows or ablations
+SINGLE_MODEL = (*MERGES, "soup", "linear_experts", "bam", "bam_adapters")
 SINGLE_MODEL_PREFIX = "btx_"
 AVERAGE = "average"
 ONE_RUN_NOTE = (
@@ -511,6 +511,35 @@ def _ablation_section(report: Mapping[str, Any], images: Mapping[str, str]) -> s
     return "\n\n".join(parts)
 
 
+def _repeats_section(report: Mapping[str, Any]) -> str:
+    """Mean +- sd over training seeds (`bts repeat`), and bts's paired difference to each
+    system: a direction only beyond two standard deviations."""
+    repeats = report.get("repeats")
+    if not repeats:
+        return ""
+    domains = list(report["domains"])
+    columns = [*domains, AVERAGE]
+    versus = repeats.get("bts_vs", {})
+    rows = []
+    for name, entry in sorted(repeats["systems"].items(), key=lambda kv: kv[1]["mean"][AVERAGE]):
+        cells = [f"{_fmt_loss(entry['mean'][c])} ± {entry['sd'][c]:.4f}" for c in columns]
+        v = versus.get(name)
+        shown = DASH if v is None else f"{v['mean_diff']:+.4f} ± {v['sd_diff']:.4f}: {v['verdict']}"
+        rows.append([f"`{name}`", *cells, shown])
+    header = ["system", *[f"{d} loss ↓" for d in domains], "avg loss ↓", "bts − system (paired)"]
+    seeds = ", ".join(str(s) for s in repeats["seeds"])
+    return "\n\n".join(
+        [
+            "## Repeated seeds",
+            f"Training seeds {seeds} (`bts repeat`): each re-trains the stitch stage and every "
+            "trained baseline with its own batch order and dropout masks; mean ± sd over seeds "
+            "on the same test rows. The last column is bts's average minus the system's, paired "
+            "by seed: `lower`/`higher` only beyond two standard deviations, else `tie`.",
+            _table(header, rows, text=(0,)),
+        ]
+    )
+
+
 def _ablation_cells(
     entry: Mapping[str, Any], domains: Sequence[str], extras: Sequence[str] = ()
 ) -> list[str]:
@@ -649,6 +678,7 @@ def render_markdown(
             "measured). Rows are sorted by average loss, best first.",
             f"![loss minus the seed's loss]({images['loss_vs_seed']})",
         ]
+    parts.append(_repeats_section(report))
     parts.append(_removal_section(report))
     parts.append(_ablation_section(report, images))
     if "training_curves" in images:

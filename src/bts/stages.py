@@ -49,6 +49,7 @@ from bts.stitch import (
     check_placement,
     default_placement,
     random_initialisation,
+    uniform_initialisation,
 )
 from bts.stitch_io import stitched_inputs
 from bts.train import RESULT, TrainConfig, TrainResult, train
@@ -76,10 +77,15 @@ def _mark(directory: Path, stage: str, **info) -> None:
 
 @dataclass
 class Run:
-    """A run directory and its config; data and tokenizer are built lazily, once."""
+    """A run directory and its config; data and tokenizer are built lazily, once.
+
+    A run with `shared` (a repeat at another training seed, `bts.repeat`) reads the seed,
+    branches, experts, tokenizer, data cache and data record of the run at `shared`.
+    """
 
     config: RunConfig
     root: Path
+    shared: Path | None = None
 
     @classmethod
     def open(cls, config: RunConfig, root: Path) -> Run:
@@ -129,11 +135,11 @@ class Run:
         config, baselines = self.config, self.config.baselines
         names = ["seed", *(f"branches/{d}" for d in config.expert_domains)]
         names += [f"experts/{d}" for d in config.expert_domains]
-        names += [f"baselines/{m.method}" for m in baselines.merges]
+        names += [f"baselines/{m.name}" for m in baselines.merges]
         if baselines.btx is not None:
             names += [f"baselines/btx_{r}" for r in baselines.btx_variants]
-        if baselines.bam is not None:
-            names.append("baselines/bam")
+        bams = [n for n in ("bam", "bam_adapters") if getattr(baselines, n) is not None]
+        names += [f"baselines/{n}" for n in bams]
         out = {self.path(n): "model" for n in names}
         out[self.path("tokenizer")] = "tokenizer"
         out[self.path("stitched")] = "stitched"
@@ -147,6 +153,8 @@ class Run:
         return _inputs(self.config)
 
     def path(self, *parts: str) -> Path:
+        if self.shared is not None and parts and parts[0] in SHARED_PARTS:
+            return self.shared.joinpath(*parts)
         return self.root.joinpath(*parts)
 
     @property
@@ -192,6 +200,8 @@ class Run:
 
 
 DATA_RECORD = "data.json"
+# what a repeat shares with its run: everything before the stitch stage, and the data
+SHARED_PARTS = ("seed", "branches", "experts", "tokenizer", "cache", DATA_RECORD)
 
 
 def check_data(record: Path, corpus: dict[str, DomainData]) -> None:
@@ -237,7 +247,9 @@ def _check_run_root(root: Path, inputs: dict[str, Path]) -> None:
     for role, path in inputs.items():
         path = path.resolve()
         if resolved == path or resolved.is_relative_to(path):
-            raise BtsError(f"run directory {root} lies inside {role} ({path}): choose another --out")
+            raise BtsError(
+                f"run directory {root} lies inside {role} ({path}): choose another --out"
+            )
 
 
 # --- validation before any work --------------------------------------------------------------
@@ -329,9 +341,7 @@ def _write_tokenizer(run: Run, out: Path) -> None:
         _mark(tmp, "tokenizer")
 
 
-def _save_model(
-    run: Run, model: PreTrainedModel, tokenizer, out: Path, stage: str, **info
-) -> None:
+def _save_model(run: Run, model: PreTrainedModel, tokenizer, out: Path, stage: str, **info) -> None:
     once(_write_model, model, tokenizer, out, stage, run.inputs, **info)
 
 
@@ -515,13 +525,19 @@ def build_stitched(run: Run, config: RunConfig) -> StitchedModel:
         options=spec.options(),
     )
     if spec.init == "random":
-        random_initialisation(model, config.seed)
+        random_initialisation(model, config.seed + spec.train.seed)
+    elif spec.init == "uniform":
+        uniform_initialisation(model)
     return model
 
 
 def stitch_sampler(run: Run, domains: list[str], spec: StitchConfig) -> MixSampler:
+    """The stitch mix; `stitch.train.seed` (0 by default) offsets its data order from the run's
+    seed, so a repeat with another training seed sees other batches, not only other dropout."""
     budget = _tokens(spec.train, spec.batch_size, run.config.data.seq_len)
-    return run.sampler(domains, spec.mix, spec.batch_size, budget)
+    sampler = run.sampler(domains, spec.mix, spec.batch_size, budget)
+    sampler.seed = run.config.seed + spec.train.seed
+    return sampler
 
 
 def add_expert(
@@ -580,7 +596,8 @@ ROUTING_LR = 1e-2
 
 
 def baselines(run: Run) -> dict[str, Path]:
-    """Merges (mergekit), BTX variants, expert routing and BAM, from the same seed and experts.
+    """Merges (mergekit), BTX variants, expert routing and BAM (with and without adapters), from
+    the same seed and experts.
 
     Trained ones get the stitch stage's mix and number of tokens. BTM (an output ensemble) has
     nothing to build; `bts.compare` assembles it from the seed and experts.
@@ -590,10 +607,10 @@ def baselines(run: Run) -> dict[str, Path]:
     spec = run.config.baselines
     out: dict[str, Path] = {}
     for merge in spec.merges:
-        target = run.path("baselines", merge.method)
+        target = run.path("baselines", merge.name)
         if not is_complete(target):
             once(_write_merge, merge, seed, experts, target)
-        out[merge.method] = target
+        out[merge.name] = target
     if spec.btx is not None:
         for routing in spec.btx_variants:
             name = f"btx_{routing}"
@@ -601,8 +618,9 @@ def baselines(run: Run) -> dict[str, Path]:
             out[name] = _train_btx(run, name, variant, seed, experts)
     if spec.expert_routing is not None:
         out["expert_routing"] = _train_routing(run, seed, experts)
-    if spec.bam is not None:
-        out["bam"] = _train_bam(run, seed, experts)
+    for name in ("bam", "bam_adapters"):  # BAM, and BAM with adapters (frozen constituents)
+        if getattr(spec, name) is not None:
+            out[name] = _train_bam(run, name, getattr(spec, name), seed, experts)
     return out
 
 
@@ -628,16 +646,16 @@ def _train_btx(run: Run, name: str, spec, seed: Path, experts: dict[str, Path]) 
     return target
 
 
-def _train_bam(run: Run, seed: Path, experts: dict[str, Path]) -> Path:
+def _train_bam(run: Run, name: str, spec, seed: Path, experts: dict[str, Path]) -> Path:
     from bts.baselines.bam import build_bam, set_bam_trainable
 
-    target, spec = run.path("baselines", "bam"), run.config.baselines.bam
+    target = run.path("baselines", name)
     if not is_complete(target):
         model = build_bam(spec, seed, experts)
         set_bam_trainable(model, spec.train_all)
-        sampler, cfg = _stitch_budget(run, run.config.baselines.bam_train)
-        result = run.train("bam", model, sampler, cfg)
-        _save_model(run, model, run.tokenizer, target, "bam", tokens=result.tokens)
+        sampler, cfg = _stitch_budget(run, getattr(run.config.baselines, f"{name}_train"))
+        result = run.train(name, model, sampler, cfg)
+        _save_model(run, model, run.tokenizer, target, name, tokens=result.tokens)
     return target
 
 

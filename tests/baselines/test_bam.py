@@ -18,6 +18,7 @@ from bts.baselines.bam import (
     attention_routers,
     build_bam,
     load_bam,
+    output_adapters,
     set_bam_trainable,
 )
 from bts.baselines.btx import BTXSpec, build_btx, routers
@@ -141,7 +142,7 @@ def test_save_load_round_trip(family, tmp_path):
 
 
 def test_training_loss_and_gradients_reach_both_kinds_of_router(family):
-    model = build_bam(BAMSpec(aux_loss_coef=0.01), *family).train()
+    model = build_bam(BAMSpec(ffn_routing="top2", aux_loss_coef=0.01), *family).train()
     out = model(IDS, labels=IDS)
     lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, 128), IDS[:, 1:].reshape(-1))
     assert out.aux_loss > 0 and len(out.router_logits) == TINY_LLAMA["num_hidden_layers"]
@@ -153,13 +154,101 @@ def test_training_loss_and_gradients_reach_both_kinds_of_router(family):
     assert model(IDS, labels=IDS).aux_loss is None
 
 
-def test_router_only_training_and_parameter_counts(bam, dense):
+def test_router_only_training_and_parameter_counts(bam, family, dense):
     layers, hidden = TINY_LLAMA["num_hidden_layers"], TINY_LLAMA["hidden_size"]
     assert set_bam_trainable(bam, train_all=False) == 2 * layers * hidden * N_EXPERTS
     total = sum(p.numel() for p in bam.parameters())
     assert set_bam_trainable(bam, train_all=True) == total
+    assert active_parameters(bam) == total  # soft, the default: every FFN expert runs
+    top2 = build_bam(BAMSpec(ffn_routing="top2"), *family)
     mlp = sum(p.numel() for p in dense[0].model.layers[0].mlp.parameters())
-    assert active_parameters(bam) == total - layers * mlp  # top-2 of 3 FFN experts, all attention
+    assert active_parameters(top2) == total - layers * mlp  # top-2 of 3 FFN experts
+
+
+def test_soft_ffn_routing_is_the_default_and_its_dump_reloads():
+    spec = BAMSpec()
+    assert spec.ffn_routing == "soft" and not spec.adapters
+    assert BAMSpec.model_validate(spec.model_dump()) == spec  # num_experts_per_tok=2 accepted
+    assert BAMSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+ADAPTER_SPEC = BAMSpec(ffn_routing="soft", train_all=False, adapters=True, router_init_std=1.0)
+
+
+@pytest.fixture(scope="module")
+def adapted(family) -> BAMForCausalLM:
+    return build_bam(ADAPTER_SPEC, *family)
+
+
+def test_identity_adapters_give_exactly_plain_frozen_bam(family, adapted):
+    plain = build_bam(ADAPTER_SPEC.model_copy(update={"adapters": False}), *family)
+    # one adapter per attention expert and per FFN expert in every block
+    n_adapters = [a.weight.shape[0] for a in output_adapters(adapted)]
+    assert n_adapters == [N_EXPERTS] * 2 * TINY_LLAMA["num_hidden_layers"]
+    assert output_adapters(plain) == []
+    x = torch.randint(
+        0, TINY_LLAMA["vocab_size"], (3, 12), generator=torch.Generator().manual_seed(4)
+    )
+    for training in (False, True):
+        got = adapted.train(training)(x).logits
+        torch.testing.assert_close(got, plain.train(training)(x).logits, rtol=0, atol=0)
+    adapted.eval()
+    for kind in ("self_attn", "mlp"):  # changing either kind of adapter changes the output
+        chosen = [m for n, m in adapted.named_modules() if n.endswith(f"{kind}.adapters")]
+        assert len(chosen) == TINY_LLAMA["num_hidden_layers"]
+        with torch.no_grad():
+            for adapter in chosen:
+                adapter.weight.mul_(1.1)
+            assert not torch.allclose(adapted(x).logits, plain(x).logits), kind
+            for adapter in chosen:
+                adapter.weight.copy_(torch.eye(adapter.weight.shape[-1]))
+
+
+@pytest.mark.parametrize("ffn_routing", ["soft", "top2"])
+def test_only_routers_and_adapters_train(family, ffn_routing):
+    spec = ADAPTER_SPEC.model_copy(update={"ffn_routing": ffn_routing})
+    model = build_bam(spec, *family).train()
+    layers, hidden = TINY_LLAMA["num_hidden_layers"], TINY_LLAMA["hidden_size"]
+    routers_and_adapters = 2 * layers * N_EXPERTS * (hidden + hidden * hidden)
+    assert set_bam_trainable(model, spec.train_all) == routers_and_adapters
+    trained = {id(p) for m in output_adapters(model) for p in m.parameters()}
+    trained |= {id(p) for m in routers(model) + attention_routers(model) for p in m.parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == trained
+    model(IDS, attention_mask=MASK, labels=IDS).loss.backward()
+    for name, param in model.named_parameters():
+        if id(param) in trained:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+    with pytest.raises(BtsError, match="trains only its routers and adapters"):
+        set_bam_trainable(model, train_all=True)
+
+
+def test_adapter_bam_save_load_round_trip(family, tmp_path):
+    model = build_bam(ADAPTER_SPEC, *family)
+    with torch.no_grad():  # trained-looking adapters, so a reload at identity would show
+        for i, adapter in enumerate(output_adapters(model)):
+            noise = torch.randn(adapter.weight.shape, generator=torch.Generator().manual_seed(i))
+            adapter.weight.add_(0.1 * noise)
+    model.save_pretrained(tmp_path / "bam")
+    config = json.loads((tmp_path / "bam" / "config.json").read_text())
+    assert config["bam_adapters"] is True
+    loaded = load_bam(tmp_path / "bam").eval()
+    for ours, theirs in zip(output_adapters(model), output_adapters(loaded), strict=True):
+        assert torch.equal(ours.weight, theirs.weight)
+    expected = model(IDS, attention_mask=MASK).logits
+    torch.testing.assert_close(loaded(IDS, attention_mask=MASK).logits, expected, rtol=0, atol=0)
+    greedy = model.generate(IDS, attention_mask=MASK, max_new_tokens=4, do_sample=False)
+    again = loaded.generate(IDS, attention_mask=MASK, max_new_tokens=4, do_sample=False)
+    assert torch.equal(again, greedy)
+
+
+def test_adapters_with_every_weight_trained_are_refused():
+    with pytest.raises(ValidationError, match="set train_all: false") as error:
+        BAMSpec(adapters=True, train_all=True)
+    assert "\n" not in str(error.value.errors()[0]["msg"])
+    with pytest.raises(ValidationError, match="set train_all: false"):
+        BAMSpec(adapters=True)  # train_all defaults to true (plain BAM)
 
 
 def test_build_is_reproducible_and_leaves_the_callers_rng_alone(family):
@@ -175,7 +264,9 @@ def test_build_is_reproducible_and_leaves_the_callers_rng_alone(family):
 def test_bad_inputs_are_refused(family, tmp_path):
     seed_dir, experts = family
     with pytest.raises(BtsError, match="num_experts_per_tok=4 exceeds the 3 experts"):
-        build_bam(BAMSpec(num_experts_per_tok=4), seed_dir, experts, tmp_path / "bam")
+        build_bam(
+            BAMSpec(ffn_routing="top2", num_experts_per_tok=4), seed_dir, experts, tmp_path / "bam"
+        )
     assert not (tmp_path / "bam").exists()
     with pytest.raises(ValidationError, match="=3 applies to ffn_routing='top2' only"):
         BAMSpec(ffn_routing="soft", num_experts_per_tok=3)

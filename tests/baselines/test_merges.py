@@ -20,6 +20,7 @@ from bts.baselines.merges import (
     MERGE_METHODS,
     MergeMethod,
     MergeSpec,
+    merge_configuration,
     merge_models,
 )
 from bts.errors import BtsError
@@ -61,11 +62,36 @@ def test_every_method_has_a_builder():
     assert [spec.method for spec in DEFAULT_MERGES] == list(get_args(MergeMethod))
 
 
-def test_linear_is_the_mean_of_the_experts(family, tmp_path):
+def test_linear_is_the_mean_of_the_seed_and_the_experts(family, tmp_path):
     seed_dir, experts = family
     out = merge_models(MergeSpec(method="linear"), seed_dir, experts, tmp_path / "soup")
+    seed, code, math = (weights(p) for p in (seed_dir, experts["code"], experts["math"]))
+    assert_all_close(weights(out), {k: (seed[k] + code[k] + math[k]) / 3 for k in seed})
+
+
+def test_experts_only_soup_is_the_mean_of_the_experts(family, tmp_path):
+    seed_dir, experts = family
+    spec = MergeSpec(method="linear", include_seed=False)
+    out = merge_models(spec, seed_dir, experts, tmp_path / "soup")
     code, math = weights(experts["code"]), weights(experts["math"])
     assert_all_close(weights(out), {k: (code[k] + math[k]) / 2 for k in code})
+
+
+def test_soup_configs_list_their_ingredients_with_one_weight(family):
+    seed_dir, experts = family
+    paths = [str(Path(p).resolve()) for p in (seed_dir, *experts.values())]
+    for include_seed, listed in ((True, paths), (False, paths[1:])):
+        spec = MergeSpec(method="linear", weight=0.5, include_seed=include_seed)
+        config = merge_configuration(spec, seed_dir, experts)
+        assert config.merge_method == "linear" and config.base_model is None
+        assert [str(m.model.model.path) for m in config.models] == listed
+        assert [m.parameters["weight"] for m in config.models] == [0.5] * len(listed)
+
+
+def test_the_two_soups_have_distinct_system_names():
+    assert MergeSpec(method="linear").name == "linear"  # the default keeps its name
+    assert MergeSpec(method="linear", include_seed=False).name == "linear_experts"
+    assert [spec.name for spec in DEFAULT_MERGES] == [spec.method for spec in DEFAULT_MERGES]
 
 
 def test_task_arithmetic_adds_scaled_deltas(family, tmp_path):
@@ -176,5 +202,9 @@ def test_spec_accepts_yaml_spelling_and_refuses_unused_parameters():
         MergeSpec(method="linear", density=0.2)
     with pytest.raises(ValidationError, match="lambda applies to"):
         MergeSpec(method="linear", lambda_=2.0)
+    with pytest.raises(ValidationError, match="include_seed=false applies to linear, not ties"):
+        MergeSpec(method="ties", include_seed=False)
+    dumped = MergeSpec(method="ties").model_dump()  # include_seed=True reloads for every method
+    assert MergeSpec.model_validate(dumped) == MergeSpec(method="ties")
     with pytest.raises(ValidationError):
         MergeSpec.model_validate({"method": "ties", "dnesity": 0.2})

@@ -19,6 +19,7 @@ from bts.data.domains import (
     load_domain,
     sample_documents,
     split_documents,
+    split_held_out,
     train_texts,
 )
 from bts.data.sources import Document, Domain, code, french, manpages, prose
@@ -279,3 +280,21 @@ def test_sample_documents_is_a_seeded_subset(tmp_path: Path) -> None:
     assert sample == sample_documents(str(path), 5, seed=3)
     assert len(set(sample)) == 5 and set(sample) <= {f"para {i}" for i in range(20)}
     assert sample_documents(str(path), 50, seed=3) == [f"para {i}" for i in range(20)]
+
+
+def test_validation_and_test_halve_the_held_out_documents() -> None:
+    _, held_out = split_documents(synthetic(2000), seed=0, held_out_fraction=0.2)
+    validation, test = split_held_out(held_out, seed=0)
+    assert not set(ids(validation)) & set(ids(test))
+    assert sorted(ids(validation) + ids(test)) == sorted(ids(held_out))
+    assert 0.4 < len(validation) / len(held_out) < 0.6
+    assert split_held_out(held_out, seed=0) == (validation, test)
+    # independent of the train/held-out hash: not just the lower half of the same numbers
+    assert split_held_out(held_out, seed=1) != (validation, test)
+
+
+def test_validation_needs_two_held_out_documents() -> None:
+    one = [Document("only", "text")]
+    assert split_held_out(one, seed=0) == ([], one)
+    validation, test = split_held_out(synthetic(2).documents(), seed=0)
+    assert len(validation) == len(test) == 1

@@ -151,7 +151,9 @@ def test_build_corpus_with_user_domains(tokenizer, tmp_path: Path) -> None:
     corpus = build_corpus([str(txt_dir), str(jsonl)], tokenizer, 8, tmp_path / "cache", 0, 0.3)
     assert sorted(corpus) == ["notes", "qa"]
     for data in corpus.values():
-        assert data.train_docs + data.held_out_docs == 10
+        assert data.train_docs + data.validation_docs + data.held_out_docs == 10
+        if data.validation is not None:  # the report's rows and the choosing rows differ
+            assert data.validation.path != data.held_out.path
         assert data.train_docs >= 1 and data.held_out_docs >= 1
         assert data.train.path != data.held_out.path
         assert data.train.seq_len == data.held_out.seq_len == 8

@@ -7,6 +7,10 @@ all attention experts per token, and the block's attention output is the weighte
 expert's output (BAM's soft mixture of attention). Embeddings, norms and the LM head are the
 constituents' mean. Each attention expert keeps its own KV cache, so `generate` works.
 
+BAM with adapters (the BTS paper's Sec. 3.3, `BAMSpec.adapters`): every constituent frozen, a
+d x d adapter (identity at the start, no bias) on each attention expert's and each FFN expert's
+output; only the routers and the adapters train.
+
 The model is a Mixtral subclass with its own `model_type` (`bts_bam`), registered with the Auto
 classes when this module is imported, saved with `save_pretrained` (safetensors). See docs/bam.md.
 """
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
+from torch.func import functional_call
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralAttention
 
@@ -45,15 +50,32 @@ __all__ = [
     "attention_routers",
     "build_bam",
     "load_bam",
+    "output_adapters",
     "set_bam_trainable",
 ]
 
 
 class BAMConfig(MixtralConfig):
-    """Mixtral's config plus the number of attention experts per block."""
+    """Mixtral's config plus the number of attention experts per block and whether every
+    attention and FFN expert has an output adapter (BAM with adapters)."""
 
     model_type = "bts_bam"
     bam_attention_experts: int = 1
+    bam_adapters: bool = False
+
+
+class Adapters(nn.Module):
+    """One d x d output adapter per expert, `weight[e]` (no bias), identity at initialisation so
+    that adding them leaves the model's function unchanged."""
+
+    def __init__(self, n_experts: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(identities(n_experts, hidden_size))
+
+
+def identities(n: int, d: int) -> torch.Tensor:
+    """n stacked d x d identity matrices."""
+    return torch.eye(d).repeat(n, 1, 1)
 
 
 class AttentionRouter(nn.Module):
@@ -85,6 +107,7 @@ class MixtureOfAttention(nn.Module):
         self.experts = nn.ModuleList(
             MixtralAttention(config, layer_idx=block_idx * n + e) for e in range(n)
         )
+        self.adapters = Adapters(n, config.hidden_size) if config.bam_adapters else None
 
     def forward(
         self,
@@ -100,13 +123,39 @@ class MixtureOfAttention(nn.Module):
             out, _ = expert(
                 hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
             )
+            if self.adapters is not None:
+                out = F.linear(out, self.adapters.weight[e])
             term = weights[..., e : e + 1].to(out.dtype) * out
             mixed = term if mixed is None else mixed + term
         return mixed, None  # per-expert attention maps are not returned
 
 
+class AdaptedMoE(nn.Module):
+    """A block's FFN mixture (Mixtral's router and experts) with an adapter on each expert's output.
+
+    A_e (W_down,e h) = (A_e W_down,e) h: the adapters fold into the experts' down projections for
+    the call, so Mixtral's expert kernels (sparse top-k or `DenseExperts`) run unchanged, and
+    with identity adapters the folded weights, hence the outputs, are exactly the plain ones.
+    Parameter names stay Mixtral's (`mlp.gate`, `mlp.experts`) plus `mlp.adapters`.
+    """
+
+    def __init__(self, moe: nn.Module, config: BAMConfig):
+        super().__init__()
+        self.gate, self.experts = moe.gate, moe.experts
+        self.adapters = Adapters(config.num_local_experts, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # no router jitter: BTX and BAM configs set router_jitter_noise=0
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, top_k_weights, top_k_index = self.gate(flat)
+        down = torch.matmul(self.adapters.weight, self.experts.down_proj)
+        out = functional_call(self.experts, {"down_proj": down}, (flat, top_k_index, top_k_weights))
+        return out.reshape(hidden_states.shape)
+
+
 class BAMForCausalLM(BTXForCausalLM):
-    """BTX's MoE model (routing variant of `config.btx_routing`) with soft attention mixtures."""
+    """BTX's MoE model (routing variant of `config.btx_routing`) with soft attention mixtures,
+    and output adapters on every expert if `config.bam_adapters`."""
 
     config_class = BAMConfig
 
@@ -115,12 +164,16 @@ class BAMForCausalLM(BTXForCausalLM):
         for block_idx, layer in enumerate(self.model.layers):
             layer.self_attn = MixtureOfAttention(config, block_idx)
             nn.init.normal_(layer.self_attn.router.weight, std=config.initializer_range)
+            if config.bam_adapters:
+                layer.mlp = AdaptedMoE(layer.mlp, config)
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, AttentionRouter):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
+        elif isinstance(module, Adapters):
+            module.weight.copy_(identities(*module.weight.shape[:2]))
 
     def forward(
         self,
@@ -171,12 +224,17 @@ AutoModelForCausalLM.register(BAMConfig, BAMForCausalLM, exist_ok=True)
 class BAMSpec(BaseModel, extra="forbid"):
     """How to build (and, for the training loop, what to train in) the BAM model."""
 
-    ffn_routing: Routing = "top2"  # FFN experts as in BTX (top-k with load balancing)
+    # soft: every FFN expert, softmax-weighted, as the BTS paper runs BAM; top2 and top1 are the
+    # BTX variants (top-k, or sampled top-1, with load balancing)
+    ffn_routing: Routing = "soft"
     num_experts_per_tok: int = Field(2, ge=1)  # top2 only; top1 uses 1, soft all experts
     gumbel_temperature: float = Field(1.0, gt=0.0)  # top1 only
     include_seed: bool = True  # the seed joins as a generalist expert (attention and FFN)
-    train_all: bool = True  # BAM trains every weight; False trains the routers only
-    aux_loss_coef: float = Field(0.01, ge=0.0)  # load balancing of the FFN routers
+    train_all: bool = True  # BAM trains every weight; False the routers (and adapters) only
+    # BAM with adapters (BTS paper Sec. 3.3): a d x d output adapter on every attention and FFN
+    # expert, trained with the routers while every constituent stays frozen (needs train_all off)
+    adapters: bool = False
+    aux_loss_coef: float = Field(0.01, ge=0.0)  # load balancing of the FFN routers (not soft)
     router_init_std: float = Field(0.02, ge=0.0)  # FFN and attention routers
     router_seed: int = 0
 
@@ -187,6 +245,15 @@ class BAMSpec(BaseModel, extra="forbid"):
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} applies to ffn_routing='top2' "
                 f"only, not {self.ffn_routing!r}: drop it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adapters_keep_the_constituents_frozen(self):
+        if self.adapters and self.train_all:
+            raise ValueError(
+                "adapters: true trains only the routers and adapters, the constituents stay "
+                "frozen: set train_all: false"
             )
         return self
 
@@ -210,6 +277,7 @@ def build_bam(
     config = BAMConfig(
         **mixtral_kwargs(seed_config, spec.ffn_routing, spec, names),
         bam_attention_experts=len(names),
+        bam_adapters=spec.adapters,
     )
     with torch.random.fork_rng():  # the constructor's random init must not move the caller's RNG
         model = BAMForCausalLM(config).eval()
@@ -233,11 +301,22 @@ def attention_routers(model: nn.Module) -> list[AttentionRouter]:
     return [module for module in model.modules() if isinstance(module, AttentionRouter)]
 
 
+def output_adapters(model: nn.Module) -> list[Adapters]:
+    """The output adapters (attention and FFN, block by block); none unless `bam_adapters`."""
+    return [module for module in model.modules() if isinstance(module, Adapters)]
+
+
 def set_bam_trainable(model: BAMForCausalLM, train_all: bool) -> int:
-    """Train every weight (BAM) or only the FFN and attention routers; returns the trainable count."""
+    """Train every weight (BAM), only the FFN and attention routers, or, for BAM with adapters,
+    the routers and the adapters; returns the trainable count."""
+    extra = output_adapters(model)
+    if extra and train_all:
+        raise BtsError(
+            "BAM with adapters trains only its routers and adapters: pass train_all=False"
+        )
     model.requires_grad_(train_all)
-    for router in routers(model) + attention_routers(model):
-        router.requires_grad_(True)
+    for module in routers(model) + attention_routers(model) + extra:
+        module.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

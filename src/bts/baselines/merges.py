@@ -26,6 +26,7 @@ from bts.fileio import atomic_dir
 
 MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties"]
 _SPARSE = ("ties", "dare_ties")
+EXPERTS_ONLY_SOUP = "linear_experts"  # the system name of a soup without the seed
 
 
 class MergeSpec(BaseModel):
@@ -34,12 +35,15 @@ class MergeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
 
     method: MergeMethod
-    weight: float = 1.0  # every expert's weight (experts are symmetric in this project)
+    weight: float = 1.0  # every expert's weight, and the seed's in the soup (all symmetric here)
     # fraction of each delta kept (ties, dare_ties; None = 0.5 for those)
     density: float | None = Field(None, gt=0.0, le=1.0)
     lambda_: float | None = Field(None, alias="lambda")  # scale of the merged delta; None = 1
     normalize: bool = True  # divide by the sum of (participating) weights
     random_seed: int = 0  # DARE's random drops
+    # linear only: the seed is one more ingredient of the soup, weighted like an expert (the BTS
+    # paper's soup); False averages the experts alone. Task-vector methods always build on it.
+    include_seed: bool = True
 
     @model_validator(mode="after")
     def _only_parameters_the_method_uses(self) -> MergeSpec:
@@ -47,13 +51,23 @@ class MergeSpec(BaseModel):
             raise ValueError(f"density applies to {' and '.join(_SPARSE)}, not {self.method}")
         if self.method == "linear" and self.lambda_ is not None:
             raise ValueError("lambda applies to task-vector methods, not linear")
+        if self.method != "linear" and not self.include_seed:
+            raise ValueError(
+                f"include_seed=false applies to linear, not {self.method} (whose base is the seed)"
+            )
         return self
 
+    @property
+    def name(self) -> str:
+        """The system's name (its RUN/baselines/ directory and report row): the method, but
+        `linear_experts` for the experts-only soup, so both soups can sit in one run."""
+        return self.method if self.include_seed else EXPERTS_ONLY_SOUP
 
-# Defaults: soup = plain mean of the experts; task arithmetic adds half the summed expert deltas
-# (Ilharco et al. tune lambda on validation data, 0.3-0.5 being typical for several tasks);
-# TIES keeps half of each delta (dense enough for continued-pretraining deltas) with the disjoint
-# mean; DARE-TIES drops half at random, rescales, then merges like TIES.
+
+# Defaults: soup = plain mean of the seed and the experts; task arithmetic adds half the summed
+# expert deltas (Ilharco et al. tune lambda on validation data, 0.3-0.5 being typical for several
+# tasks); TIES keeps half of each delta (dense enough for continued-pretraining deltas) with the
+# disjoint mean; DARE-TIES drops half at random, rescales, then merges like TIES.
 DEFAULT_MERGES: list[MergeSpec] = [
     MergeSpec(method="linear"),
     MergeSpec(method="task_arithmetic", lambda_=0.5, normalize=False),
@@ -82,14 +96,14 @@ def _model(path: Path, **parameters: float) -> dict:
 
 @register("linear")
 def _model_soup(spec: MergeSpec, seed_dir: Path, expert_dirs: Mapping[str, Path]) -> dict:
-    """Model soup: the (weighted) mean of the experts alone.
-
-    The seed is not an ingredient: the BTS paper's soup averages the experts, which were all
-    branched from the seed, so the seed is already their common starting point.
+    """Model soup: the (weighted) mean of the seed and the experts, as the BTS paper averages
+    them, every ingredient with the same weight; `include_seed=False` averages the experts alone.
     """
+    ingredients = [seed_dir] if spec.include_seed else []
+    ingredients += expert_dirs.values()
     return {
         "merge_method": "linear",
-        "models": [_model(path, weight=spec.weight) for path in expert_dirs.values()],
+        "models": [_model(path, weight=spec.weight) for path in ingredients],
         "parameters": {"normalize": spec.normalize},
     }
 
@@ -129,7 +143,7 @@ def merge_models(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Merge the experts (and the seed, for task-vector methods) into `out_dir`, atomically.
+    """Merge the experts and the seed (except in an experts-only soup) into `out_dir`, atomically.
 
     `out_dir` gets the weights (in the seed's dtype), config, tokenizer and the replayable
     `mergekit_config.yml`. Returns `out_dir`.
@@ -147,7 +161,10 @@ def merge_models(
         quiet=True,
     )
     out_dir = Path(out_dir).resolve()
-    inputs = {"the seed": Path(seed_dir), **{f"expert '{n}'": Path(p) for n, p in expert_dirs.items()}}
+    inputs = {
+        "the seed": Path(seed_dir),
+        **{f"expert '{n}'": Path(p) for n, p in expert_dirs.items()},
+    }
     with atomic_dir(out_dir, "model", overwrite=overwrite, inputs=inputs) as tmp:
         with _caller_rng_kept():
             run_merge(config, str(tmp), options=options)

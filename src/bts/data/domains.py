@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from bts.data.sources import Document, Domain, code, french, manpages, prose
@@ -174,6 +174,27 @@ def split_documents(
         held_out.discard(max(range(len(scored)), key=lambda i: scored[i][0]))
     train = [doc for i, (_, doc) in enumerate(scored) if i not in held_out]
     return train, [doc for i, (_, doc) in enumerate(scored) if i in held_out]
+
+
+def split_held_out(
+    held_out: Sequence[Document], seed: int
+) -> tuple[list[Document], list[Document]]:
+    """(validation, test): each held-out document on one side, by a hash of (seed, id).
+
+    Every choice (a learning rate, a stitch option, a default) is made on validation; the report
+    scores test, so its numbers stay untuned. With one held-out document there is no validation
+    side (it is all test); otherwise each side gets at least one.
+    """
+    scored = [(_unit_hash(seed, f"validation\0{doc.id}"), doc) for doc in held_out]
+    chosen = {i for i, (u, _) in enumerate(scored) if u < 0.5}
+    if len(scored) < 2:
+        chosen = set()
+    elif not chosen:
+        chosen = {min(range(len(scored)), key=lambda i: scored[i][0])}
+    elif len(chosen) == len(scored):
+        chosen.discard(max(range(len(scored)), key=lambda i: scored[i][0]))
+    validation = [doc for i, (_, doc) in enumerate(scored) if i in chosen]
+    return validation, [doc for i, (_, doc) in enumerate(scored) if i not in chosen]
 
 
 def train_texts(

@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from bts.data.domains import DEFAULT_DOMAINS, Document, load_domain, split_documents
+from bts.data.domains import (
+    DEFAULT_DOMAINS,
+    Document,
+    load_domain,
+    split_documents,
+    split_held_out,
+)
 from bts.data.tokenizer import tokenizer_fingerprint
 from bts.errors import BtsError
 
@@ -56,7 +62,8 @@ class PackedSequences:
 
 @dataclass(frozen=True)
 class DomainData:
-    """A domain's packed train and held-out splits."""
+    """A domain's packed splits: train; validation (for every choice) and held_out (the
+    report's test rows), the two halves of the held-out documents."""
 
     name: str
     train: PackedSequences
@@ -65,7 +72,9 @@ class DomainData:
     held_out_docs: int
     source: str = ""
     licence: str = ""
-    sha256: str = ""  # content_hash of the documents and their split
+    sha256: str = ""  # content_hash of the documents and their train/held-out split
+    validation: PackedSequences | None = None  # None when the held-out text is too small
+    validation_docs: int = 0
 
     def fingerprint(self) -> dict:
         """What identifies this domain's data in a run directory and a report."""
@@ -73,6 +82,7 @@ class DomainData:
             "sha256": self.sha256,
             "train_docs": self.train_docs,
             "held_out_docs": self.held_out_docs,
+            "validation_docs": self.validation_docs,
             "source": self.source,
         }
 
@@ -86,6 +96,8 @@ class DomainData:
             "held_out_docs": self.held_out_docs,
             "train_tokens": self.train.n_tokens,
             "held_out_tokens": self.held_out.n_tokens,
+            "validation_docs": self.validation_docs,
+            "validation_tokens": self.validation.n_tokens if self.validation else 0,
         }
 
 
@@ -238,19 +250,39 @@ def build_corpus(
         if domain.name in corpus:
             raise BtsError(f"two domains are named '{domain.name}': rename one of the files")
         train, held_out = split_documents(domain, seed, held_out_fraction)
+        validation, test = _validation_and_test(held_out, tokenizer, seq_len, seed)
         corpus[domain.name] = DomainData(
             name=domain.name,
             train=pack_documents(train, tokenizer, seq_len, cache_dir, f"{domain.name} train"),
-            held_out=pack_documents(
-                held_out, tokenizer, seq_len, cache_dir, f"{domain.name} held-out"
-            ),
+            held_out=pack_documents(test, tokenizer, seq_len, cache_dir, f"{domain.name} held-out"),
             train_docs=len(train),
-            held_out_docs=len(held_out),
+            held_out_docs=len(test),
             source=domain.source,
             licence=domain.licence,
             sha256=content_hash(train, held_out),
+            validation=(
+                pack_documents(
+                    validation, tokenizer, seq_len, cache_dir, f"{domain.name} validation"
+                )
+                if validation
+                else None
+            ),
+            validation_docs=len(validation),
         )
     return corpus
+
+
+def _validation_and_test(
+    held_out: list[Document], tokenizer: PreTrainedTokenizerBase, seq_len: int, seed: int
+) -> tuple[list[Document], list[Document]]:
+    """The held-out documents' two halves, when each holds a full row; else no validation."""
+    validation, test = split_held_out(held_out, seed)
+    for side in (validation, test):
+        texts = [d.text for d in side if d.text.strip()]
+        tokens = sum(len(ids) + 1 for ids in encode_batch(tokenizer, texts)) if texts else 0
+        if tokens < seq_len:
+            return [], held_out
+    return validation, test
 
 
 def domain_table(
