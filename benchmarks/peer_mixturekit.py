@@ -436,9 +436,9 @@ def prepare(run, held, real, rows, experts, hub, spokes, mk_dir: Path) -> dict:
     bts_places = ", ".join(f"{p['kind']}@{p['after_layer']}" for p in placement)
     print(f"stitches: mixturekit {mk_places}; bts {bts_places}")
     print(
-        f"at initialisation: bts = hub (max |diff| over the sets {init_gap:.2e}); mixturekit "
-        f"average {rows['mixturekit_init']['average']:.4f} vs hub "
-        f"{hub_row['average']:.4f}",
+        f"at initialisation (stitch.init {run.config.stitch.init}): bts average "
+        f"{rows['bts_init']['average']:.4f} (max |diff| to the hub over the sets {init_gap:.2e}), "
+        f"mixturekit {rows['mixturekit_init']['average']:.4f}, hub {hub_row['average']:.4f}",
         flush=True,
     )
     return {
@@ -459,6 +459,7 @@ SYSTEMS = {
     "stage": ["bts_stage"],
     "plain": ["bts_plain_loop"],
     "both": ["bts_stage", "bts_plain_loop"],
+    "none": [],  # MixtureKit alone (choosing its learning rate on --split validation)
 }
 
 
@@ -535,6 +536,12 @@ def main() -> int:
         help="bts trained by its stitch stage's recipe, by the shared plain loop, or both",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--split",
+        choices=["test", "validation"],
+        default="test",
+        help="rows scored: the report's test rows, or validation rows (to choose --lr)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: RUN/peer_mixturekit.json")
     args = parser.parse_args()
     try:
@@ -549,7 +556,7 @@ def main() -> int:
     started = time.perf_counter()
     run = load_run(args.run_dir)
     steps = args.steps or run.config.stitch.train.steps
-    held = held_out_sets(run)
+    held = held_out_sets(run, validation=args.split == "validation")
     real = [d for d in held if d != SWITCH]
     columns = [*held, "average"]
     hub, spokes = constituents(run)
@@ -566,7 +573,7 @@ def main() -> int:
 
     summaries = {k: summarise(v, columns) for k, v in per_seed.items()}
     compare = {
-        ours: verdicts(per_seed["mixturekit"], per_seed[ours], columns)
+        ours: verdicts(per_seed["mixturekit"], per_seed[ours], columns, LABELS[ours])
         for ours in SYSTEMS[args.bts]
     }
     print_results(run, rows, summaries, compare, columns, steps, args.lr, seeds)
@@ -598,6 +605,7 @@ def main() -> int:
             "mix": run.config.stitch.mix.model_dump(),
             "threads": args.threads,
             "held_out_rows": e.max_sequences,
+            "split": args.split,
             "held_out_sets": list(held),
         },
         **systems,

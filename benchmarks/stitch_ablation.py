@@ -1,7 +1,7 @@
 """Stitch-stage ablations on a finished run: what closes the gap to each domain's expert?
 
 Trains the stitch layers of one run's seed and experts under several variants (learning rate,
-scale gain, steps, placement, the paper's random initialisation) with the project's training
+scale gain, steps, placement, nn.Linear's default initialisation) with the project's training
 loop and the run's stitch mix, then prints held-out loss per domain next to the seed's and each
 domain's expert's, all measured in this one run on the same sequences.
 
@@ -35,7 +35,7 @@ VARIANTS = {
     "gain10-lr1e-3": {"gate_gain": 10.0, "lr": 1e-3},
     "gain10-3x-steps": {"gate_gain": 10.0, "steps_factor": 3},
     "gain10-all-e2h": {"gate_gain": 10.0, "all_experts_into_hub": True},
-    "paper-init": {"paper_init": True},
+    "linear-init": {"linear_init": True},
     "no-dropout": {"gate_dropout": 0.0},
     "no-dropout-3x-steps": {"gate_dropout": 0.0, "steps_factor": 3},
 }
@@ -56,7 +56,7 @@ def build(run: Run, variant: dict) -> StitchedModel:
         gate_dropout=variant.get("gate_dropout", spec.gate_dropout),
         gate_gain=variant.get("gate_gain", spec.gate_gain),
     )
-    if variant.get("paper_init"):
+    if variant.get("linear_init"):
         random_initialisation(model, run.config.seed)
     model.train_only()
     return model

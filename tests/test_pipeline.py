@@ -290,12 +290,14 @@ def test_sweep_scores_validation_rows_per_seed_and_seed_0_is_the_runs_stitch(smo
     grid.write_text(
         "ours: {description: the run's own, stitch: {}}\n"
         "uniform: {description: even blend, stitch: {init: uniform}}\n"
+        "btx_slow: {system: btx_top2, baselines: {btx_train: {steps: 3, lr: 1.0e-4}}}\n"
     )
     report = (smoke_run / "report.json").read_bytes()
     result = bts("sweep", smoke_run, grid, "--seeds", "0,1", "--rows", "2")
     assert result.exit_code == 0, result.output
     summary = json.loads((smoke_run / "sweeps" / "grid" / "sweep.json").read_text())
-    assert summary["split"] == "validation" and summary["best"] in ("ours", "uniform")
+    means = {n: p["mean"]["average"] for n, p in summary["points"].items()}
+    assert summary["split"] == "validation" and summary["best"] == min(means, key=means.get)
     ours = summary["points"]["ours"]["per_seed"]
     assert ours["0"] != ours["1"]  # another training seed: other batches and dropout masks
     # training seed 0 is exactly the run's stitch stage: same batches, same masks, same weights
@@ -305,6 +307,12 @@ def test_sweep_scores_validation_rows_per_seed_and_seed_0_is_the_runs_stitch(smo
     assert all(torch.equal(seed0[k], run_own[k]) for k in seed0)
     uniform = load_file(smoke_run / "sweeps/grid/uniform/seed-0/stitched/stitch.safetensors")
     assert any(not torch.equal(uniform[k], run_own[k]) for k in uniform)
+    # a baseline point trains that baseline alone, at its overlay's schedule
+    trial = smoke_run / "sweeps/grid/btx_slow/seed-0"
+    assert sorted(p.name for p in (trial / "baselines").iterdir()) == ["btx_top2"]
+    assert not (trial / "stitched").exists()
+    steps = json.loads((trial / "train/btx_top2/train_result.json").read_text())["steps"]
+    assert steps == 3 and summary["points"]["btx_slow"]["system"] == "btx_top2"
     # validation rows, not the report's: the run's report is untouched
     assert (smoke_run / "report.json").read_bytes() == report
     def trained():  # every file of each (point, seed): weights and validation scores
@@ -315,6 +323,9 @@ def test_sweep_scores_validation_rows_per_seed_and_seed_0_is_the_runs_stitch(smo
     assert again.exit_code == 0 and len(before) > 4 and trained() == before
     bad = bts("sweep", smoke_run, grid, "--seeds", "0,x")
     assert bad.exit_code != 0 and "not a list of integers" in bad.output
+    grid.write_text("x: {system: btm, stitch: {}}\n")
+    bad = bts("sweep", smoke_run, grid)
+    assert bad.exit_code != 0 and "system 'btm' is not trained" in bad.output
 
 
 def test_repeat_retrains_trained_systems_with_other_seeds_and_reports_ties(smoke_run):

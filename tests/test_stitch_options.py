@@ -188,3 +188,14 @@ def test_uniform_start_is_an_even_blend_and_a_later_expert_enters_silently(make_
         model.add_expert("c", c)  # a new expert enters at a = 0 whatever the others' start
         assert torch.equal(model(ids).logits, before)
     assert not torch.equal(before, model.hub(ids).logits)  # the start is not the hub
+
+
+def test_uniform_into_hub_opens_only_the_experts_into_hub_stitches(make_model):
+    from bts.stitch import uniform_initialisation
+
+    hub, a = make_model("llama-tied", seed=0), make_model("llama-tied", seed=1)
+    model = StitchedModel.from_models(hub, {"a": a}, num_stitches=4)
+    uniform_initialisation(model, kinds=[EXPERTS_INTO_HUB])
+    for stitch in model.stitches.values():
+        opened = stitch.kind == EXPERTS_INTO_HUB
+        assert torch.equal(stitch.scale["a"], torch.full_like(stitch.scale["a"], float(opened)))

@@ -31,6 +31,7 @@ from bts.stitch import EXPERTS_INTO_HUB, StitchedModel
 from bts.train import RESULT
 
 SystemLoader = Callable[[], torch.nn.Module]
+MINUS = "bts-minus:"  # the stitched model with one expert removed
 
 
 def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path]]]:
@@ -52,7 +53,7 @@ def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path
         yield name, lambda n=name, p=path: load_baseline(n, p), stage, [path]
     if len(domains) > 1:
         for d in domains:
-            yield f"bts-minus:{d}", lambda d=d: _without(stitched, d), None, [stitched]
+            yield f"{MINUS}{d}", lambda d=d: _without(stitched, d), None, [stitched]
 
 
 def missing_outputs(run: Run) -> list[str]:
@@ -370,7 +371,10 @@ def _cached_evaluation(
             return entry
     model = configure(load(), run)
     _trained_params(name, model, run)
-    entry = {"key": key, "name": name, "summary": evaluate_system(run, name, model, stage)}
+    # a removal row is read for its losses (report: "Removing an expert"); no generation tasks
+    tasks = ["loss", "humaneval_loss"] if name.startswith(MINUS) else None
+    summary = evaluate_system(run, name, model, stage, tasks)
+    entry = {"key": key, "name": name, "summary": summary}
     if name == "bts":
         entry["gates"] = gate_analysis(run, model)
     once(write_json, cache, entry)

@@ -175,9 +175,10 @@ class StitchConfig(Strict):
     gate_bias: bool | None = None
     expert_stream: Literal["keep", "project"] | None = None
     # identity: exactly the hub at step 0; uniform: P = I, zero gates, a = 1 (an even blend of
-    # the hub and experts, MixtureKit's start); random: nn.Linear's init, a = 1 (the paper's
-    # layer as written). docs/stitching.md; variant "paper" -> random unless set
-    init: Literal["identity", "uniform", "random"] = "identity"
+    # the hub and experts, MixtureKit's start); uniform_into_hub: a = 1 in experts-into-hub
+    # stitches only (hub-into-experts start closed); random: nn.Linear's init, a = 1 (the
+    # paper's layer as written). docs/stitching.md; variant "paper" -> random unless set
+    init: Literal["identity", "uniform", "uniform_into_hub", "random"] = "identity"
     gate_dropout: float = Field(0.1, ge=0, lt=1)
     gate_gain: PositiveFloat = 1.0  # docs/stitching.md
     batch_size: PositiveCount = 16
@@ -208,7 +209,8 @@ class BaselinesConfig(Strict):
     merges: list[MergeSpec] = Field(default_factory=lambda: list(DEFAULT_MERGES))
     btx: BTXSpec | None = BTXSpec()  # its routing is the default variant, reported as `btx`
     btx_variants: list[Literal["soft", "top1", "top2"]] = ["soft", "top1", "top2"]
-    btx_train: TrainConfig | None = None  # default: the stitch stage's schedule (same tokens)
+    # default: the stitch stage's schedule (same tokens) at lr 1e-4 (stages.BASELINE_LR)
+    btx_train: TrainConfig | None = None
     btm: bool = True  # output ensemble, nothing to train
     expert_routing: RoutingSpec | None = RoutingSpec()
     # default: the stitch schedule at lr 1e-2 (the router reads RMS-normalised embeddings)
@@ -216,7 +218,7 @@ class BaselinesConfig(Strict):
     bam: BAMSpec | None = BAMSpec()
     # BAM with adapters (the paper's Sec. 3.3): a BAMSpec with adapters: true, train_all: false
     bam_adapters: BAMSpec | None = None
-    bam_train: TrainConfig | None = None  # default: the stitch stage's schedule
+    bam_train: TrainConfig | None = None  # default: the stitch stage's schedule at lr 1e-4
     # default: the stitch stage's schedule (frozen constituents, small trained parts, as BTS)
     bam_adapters_train: TrainConfig | None = None
 

@@ -45,7 +45,7 @@ SINGLE_MODEL_PREFIX = "btx_"
 AVERAGE = "average"
 ONE_RUN_NOTE = (
     "(One run; differences under two standard deviations over seeds cannot be told apart "
-    "without repeating the run over seeds.)"
+    "without repeating it over seeds: `bts repeat RUN --seeds 3`.)"
 )
 TABLE_WIDTH = 100  # headline_table: the widest terminal line it aims for
 IMAGE_FILES = {

@@ -528,6 +528,8 @@ def build_stitched(run: Run, config: RunConfig) -> StitchedModel:
         random_initialisation(model, config.seed + spec.train.seed)
     elif spec.init == "uniform":
         uniform_initialisation(model)
+    elif spec.init == "uniform_into_hub":  # experts-into-hub blended, hub-into-experts closed
+        uniform_initialisation(model, kinds=[EXPERTS_INTO_HUB])
     return model
 
 
@@ -592,7 +594,11 @@ def remove_expert(stitched: Path, name: str, out: Path, force: bool = False) -> 
     return out
 
 
-ROUTING_LR = 1e-2
+# Each trained baseline's default learning rate (its schedule is the stitch stage's, so the
+# same tokens), chosen on the demo's validation rows: benchmarks/sweeps/baselines-lr.yaml and
+# docs/results.md. BTX and BAM fine-tune every weight, so their rate is far below the stitch
+# layers'; the router of expert routing reads RMS-normalised embeddings and needs a high one.
+BASELINE_LR = {"btx": 1e-4, "bam": 1e-4, "expert_routing": 1e-2}
 
 
 def baselines(run: Run) -> dict[str, Path]:
@@ -640,7 +646,8 @@ def _train_btx(run: Run, name: str, spec, seed: Path, experts: dict[str, Path]) 
     if not is_complete(target):
         model = build_btx(spec, seed, experts)
         set_btx_trainable(model, spec.train_all)
-        sampler, cfg = _stitch_budget(run, run.config.baselines.btx_train)
+        rate = {"lr": BASELINE_LR["btx"]} if spec.train_all else {}  # routers only: stitch's
+        sampler, cfg = _stitch_budget(run, run.config.baselines.btx_train, **rate)
         result = run.train(name, model, sampler, cfg)
         _save_model(run, model, run.tokenizer, target, name, tokens=result.tokens)
     return target
@@ -653,7 +660,10 @@ def _train_bam(run: Run, name: str, spec, seed: Path, experts: dict[str, Path]) 
     if not is_complete(target):
         model = build_bam(spec, seed, experts)
         set_bam_trainable(model, spec.train_all)
-        sampler, cfg = _stitch_budget(run, getattr(run.config.baselines, f"{name}_train"))
+        own = getattr(run.config.baselines, f"{name}_train")
+        # BAM with adapters trains only routers and adapters: the stitch stage's rate
+        rate = {"lr": BASELINE_LR["bam"]} if spec.train_all else {}
+        sampler, cfg = _stitch_budget(run, own, **rate)
         result = run.train(name, model, sampler, cfg)
         _save_model(run, model, run.tokenizer, target, name, tokens=result.tokens)
     return target
@@ -665,7 +675,8 @@ def _train_routing(run: Run, seed: Path, experts: dict[str, Path]) -> Path:
     target = run.path("baselines", "expert_routing")
     if not (target / "bts_routing.json").is_file():
         trainer = build_routing(run.config.baselines.expert_routing, seed, experts)
-        sampler, cfg = _stitch_budget(run, run.config.baselines.routing_train, lr=ROUTING_LR)
+        routing_train = run.config.baselines.routing_train
+        sampler, cfg = _stitch_budget(run, routing_train, lr=BASELINE_LR["expert_routing"])
         run.train("expert_routing", trainer, sampler, cfg)
         once(save_routing, trainer, target)
     return target

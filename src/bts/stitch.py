@@ -152,16 +152,20 @@ def random_initialisation(model: StitchedModel, seed: int = 0) -> None:
         torch.random.set_rng_state(generator_state)
 
 
-def uniform_initialisation(model: StitchedModel) -> None:
+def uniform_initialisation(
+    model: StitchedModel, kinds: Sequence[StitchKind] = (EXPERTS_INTO_HUB, HUB_INTO_EXPERTS)
+) -> None:
     """MixtureKit's starting point in our parametrisation: projections the identity and gates
-    zero, as they are built, with every scale at 1 (a = 1). Experts-into-hub gates are then
-    uniform over the hub and the experts (h_0 <- mean of all streams) and hub-into-experts gates
-    are 1/2; the model starts from an even blend, not from the hub. An expert added later still
-    enters at a = 0, so adding one leaves the trained model's output unchanged."""
+    zero, as they are built, with the scales of the stitches of `kinds` at 1 (a = 1). Their
+    experts-into-hub gates are then uniform over the hub and the experts (h_0 <- mean of all
+    streams) and their hub-into-experts gates 1/2; the model starts from an even blend, not from
+    the hub. An expert added later still enters at a = 0, so adding one leaves the trained
+    model's output unchanged."""
     with torch.no_grad():
         for stitch in model.stitches.values():
-            for scale in stitch.scale.values():
-                scale.fill_(1.0 / stitch.gate_gain)
+            if stitch.kind in kinds:
+                for scale in stitch.scale.values():
+                    scale.fill_(1.0 / stitch.gate_gain)
 
 
 def _nonnegative(raw: torch.Tensor, upper: float | None = None) -> torch.Tensor:
