@@ -230,8 +230,10 @@ def test_ablation_models_change_what_their_overlay_says(smoke_run):
     run = Run.load(smoke_run)
     layers = run.config.seed_model.num_layers
 
-    def built(name):
-        return build_stitched(run, load_ablation(ABLATIONS / f"{name}.yaml", run.config).config)
+    def built(name, **stitch):
+        config = load_ablation(ABLATIONS / f"{name}.yaml", run.config).config
+        changed = config.stitch.model_copy(update=stitch)
+        return build_stitched(run, config.model_copy(update={"stitch": changed}))
 
     assert [p.after_layer for p in built("stitches_1").placement] == [layers - 1]
     assert len(built("stitches_all").placement) == layers
@@ -250,7 +252,9 @@ def test_ablation_models_change_what_their_overlay_says(smoke_run):
     ids = torch.arange(12)[None] % run.config.data.vocab_size
     seed_logits = load_causal_lm(make_seed(run))(ids).logits
     with torch.no_grad():
-        assert torch.equal(built("no_general_data").eval()(ids).logits, seed_logits)
+        assert torch.equal(built("no_general_data", init="identity").eval()(ids).logits, seed_logits)
+        # the default start (uniform_into_hub) is an even blend into the hub, not the hub
+        assert not torch.allclose(built("no_general_data").eval()(ids).logits, seed_logits)
         assert not torch.allclose(built("random_init").eval()(ids).logits, seed_logits)
 
 

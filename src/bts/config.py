@@ -178,7 +178,8 @@ class StitchConfig(Strict):
     # the hub and experts, MixtureKit's start); uniform_into_hub: a = 1 in experts-into-hub
     # stitches only (hub-into-experts start closed); random: nn.Linear's init, a = 1 (the
     # paper's layer as written). docs/stitching.md; variant "paper" -> random unless set
-    init: Literal["identity", "uniform", "uniform_into_hub", "random"] = "identity"
+    # the default was chosen on validation rows (docs/stitching.md, "What the sweep chose")
+    init: Literal["identity", "uniform", "uniform_into_hub", "random"] = "uniform_into_hub"
     gate_dropout: float = Field(0.1, ge=0, lt=1)
     gate_gain: PositiveFloat = 1.0  # docs/stitching.md
     batch_size: PositiveCount = 16
@@ -219,8 +220,7 @@ class BaselinesConfig(Strict):
     # BAM with adapters (the paper's Sec. 3.3): a BAMSpec with adapters: true, train_all: false
     bam_adapters: BAMSpec | None = None
     bam_train: TrainConfig | None = None  # default: the stitch stage's schedule at lr 1e-4
-    # default: the stitch stage's schedule (frozen constituents, small trained parts, as BTS)
-    bam_adapters_train: TrainConfig | None = None
+    bam_adapters_train: TrainConfig | None = None  # default: the stitch schedule at lr 1e-3
 
     @pydantic.model_validator(mode="after")
     def _bam_adapters_has_adapters(self) -> BaselinesConfig:

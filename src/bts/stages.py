@@ -598,7 +598,8 @@ def remove_expert(stitched: Path, name: str, out: Path, force: bool = False) -> 
 # same tokens), chosen on the demo's validation rows: benchmarks/sweeps/baselines-lr.yaml and
 # docs/results.md. BTX and BAM fine-tune every weight, so their rate is far below the stitch
 # layers'; the router of expert routing reads RMS-normalised embeddings and needs a high one.
-BASELINE_LR = {"btx": 1e-4, "bam": 1e-4, "expert_routing": 1e-2}
+# BAM with adapters trains its routers and adapters only, over frozen constituents.
+BASELINE_LR = {"btx": 1e-4, "bam": 1e-4, "bam_adapters": 1e-3, "expert_routing": 1e-2}
 
 
 def baselines(run: Run) -> dict[str, Path]:
@@ -661,9 +662,8 @@ def _train_bam(run: Run, name: str, spec, seed: Path, experts: dict[str, Path]) 
         model = build_bam(spec, seed, experts)
         set_bam_trainable(model, spec.train_all)
         own = getattr(run.config.baselines, f"{name}_train")
-        # BAM with adapters trains only routers and adapters: the stitch stage's rate
-        rate = {"lr": BASELINE_LR["bam"]} if spec.train_all else {}
-        sampler, cfg = _stitch_budget(run, own, **rate)
+        rate = BASELINE_LR["bam" if spec.train_all else "bam_adapters"]
+        sampler, cfg = _stitch_budget(run, own, lr=rate)
         result = run.train(name, model, sampler, cfg)
         _save_model(run, model, run.tokenizer, target, name, tokens=result.tokens)
     return target

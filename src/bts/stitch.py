@@ -16,6 +16,8 @@ scales the sigmoid gate (s_i = a_i * sigmoid(l_i)). At a = 0 the stitched model 
 at a = 1 it is exactly the paper's equations; the gradient with respect to a is non-zero at 0, so
 the gates open from the first step. Because a new expert enters with a = 0, adding one leaves the
 output unchanged, and removing one renormalises the softmax over the sources that are left.
+`uniform_initialisation` starts from a = 1 instead (an even blend of hub and experts): the
+pipeline's default for the experts-into-hub stitches, chosen on validation (docs/stitching.md).
 
 This module does no I/O; `bts.stitch_io` saves and loads stitched models.
 """
