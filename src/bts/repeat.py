@@ -140,8 +140,3 @@ def summarise(
 def _sd(values: list[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
-
-def seeds_of(path: Path) -> list[int]:
-    """Training seeds with a repeat directory under RUN/repeats (for messages and tests)."""
-    root = Path(path) / REPEATS
-    return sorted(int(p.name[5:]) for p in root.glob("seed-*") if p.name[5:].isdigit())
