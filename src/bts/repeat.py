@@ -120,7 +120,7 @@ def summarise(
         name: {
             "per_seed": {str(s): rows[name][s] for s in seeds},
             "mean": {c: float(np.mean([rows[name][s][c] for s in seeds])) for c in columns},
-            "sd": {c: _sd([rows[name][s][c] for s in seeds]) for c in columns},
+            "sd": {c: sample_sd([rows[name][s][c] for s in seeds]) for c in columns},
         }
         for name in rows
     }
@@ -130,13 +130,19 @@ def summarise(
             if name == MAIN:
                 continue
             diffs = [rows[MAIN][s]["average"] - rows[name][s]["average"] for s in seeds]
-            mean, sd = float(np.mean(diffs)), _sd(diffs)
-            decided = not math.isnan(sd) and abs(mean) > 2 * sd
+            mean, sd, decided = paired(diffs)
             verdict = ("lower" if mean < 0 else "higher") if decided else "tie"
             versus[name] = {"mean_diff": mean, "sd_diff": sd, "verdict": verdict}
     return {"seeds": seeds, "split": "test", "systems": table, "bts_vs": versus}
 
 
-def _sd(values: list[float]) -> float:
+def sample_sd(values: list[float]) -> float:
+    """The sample standard deviation; NaN for a single value (one seed shows no spread)."""
     return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
+
+def paired(diffs: list[float]) -> tuple[float, float, bool]:
+    """Mean and sd of paired per-seed differences, and whether |mean| exceeds two sd (the
+    project's rule for a direction; never with one seed)."""
+    mean, sd = float(np.mean(diffs)), sample_sd(diffs)
+    return mean, sd, not math.isnan(sd) and abs(mean) > 2 * sd

@@ -21,7 +21,6 @@ Jobs run seed by seed, so a sweep stopped early has every point at the same seed
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from bts.errors import BtsError
 from bts.evaluate import held_out_loss
 from bts.fileio import write_json
 from bts.progress import progress
-from bts.repeat import repeat_config
+from bts.repeat import paired, repeat_config, sample_sd
 from bts.stages import Run, baselines, once, stitch
 from bts.stitch import StitchedModel
 
@@ -157,13 +156,13 @@ def summarise(
             "overlay": p.overlay,
             "per_seed": {str(s): per_seed[s] for s in seeds},
             "mean": {c: float(np.mean([per_seed[s][c] for s in seeds])) for c in columns},
-            "sd": {c: _sd([per_seed[s][c] for s in seeds]) for c in columns},
+            "sd": {c: sample_sd([per_seed[s][c] for s in seeds]) for c in columns},
         }
     best = min(table, key=lambda n: table[n]["mean"]["average"])
     for name, entry in table.items():
         diffs = [results[name][s]["average"] - results[best][s]["average"] for s in seeds]
-        mean, sd = float(np.mean(diffs)), _sd(diffs)
-        worse = name != best and not math.isnan(sd) and mean > 2 * sd
+        mean, sd, decided = paired(diffs)
+        worse = name != best and decided and mean > 0
         verdict = "best" if name == best else "worse" if worse else "tie"
         entry["vs_best"] = {"mean_diff": mean, "sd_diff": sd, "verdict": verdict}
     return {
@@ -173,10 +172,6 @@ def summarise(
         "best": best,
         "points": table,
     }
-
-
-def _sd(values: list[float]) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
 def format_table(summary: dict[str, Any]) -> str:
