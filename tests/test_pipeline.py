@@ -43,7 +43,8 @@ def smoke_run(tmp_path_factory) -> Path:
 
 
 def test_run_writes_every_stage_and_a_second_run_skips_them(smoke_run):
-    for part in ("seed", "tokenizer", "stitched", "baselines/btx_top2", "baselines/bam"):
+    parts = ("seed", "tokenizer", "stitched", "stitched_heads", "baselines/btx_top2", "baselines/bam")
+    for part in parts:
         assert (smoke_run / part).exists(), part
     experts = yaml.safe_load(SMOKE.read_text())["data"]["domains"]
     assert sorted(p.name for p in (smoke_run / "experts").iterdir()) == sorted(experts)
@@ -56,9 +57,10 @@ def test_run_writes_every_stage_and_a_second_run_skips_them(smoke_run):
 def test_report_has_every_system_and_domain_with_finite_values(smoke_run):
     report = json.loads((smoke_run / "report.json").read_text())
     domains = report["domains"]
-    expected = {"seed", "bts", "linear", "task_arithmetic", "ties", "dare_ties", "btm"}
+    expected = {"seed", "bts", "bts_heads", "linear", "task_arithmetic", "ties", "dare_ties", "btm"}
     expected |= {"expert_routing", "btx_soft", "btx_top1", "btx_top2", "btx", "bam"}
     expected |= {f"expert:{d}" for d in domains} | {f"bts-minus:{d}" for d in domains}
+    expected |= {f"bts_heads-minus:{d}" for d in domains}
     assert set(report["systems"]) == expected
     for name, system in report["systems"].items():
         assert set(domains) <= set(system["loss"]), name
@@ -68,7 +70,7 @@ def test_report_has_every_system_and_domain_with_finite_values(smoke_run):
     bts_entry = report["systems"]["bts"]
     assert 0 < bts_entry["params_trained"] < bts_entry["params_total"]
     assert bts_entry["train_tokens"] > 0
-    trained = ("expert_routing", "btx_soft", "btx_top1", "btx_top2", "bam")
+    trained = ("bts_heads", "expert_routing", "btx_soft", "btx_top1", "btx_top2", "bam")
     for name in trained:  # the same mix and the same number of tokens as the stitch stage
         assert report["systems"][name]["train_tokens"] == bts_entry["train_tokens"], name
     systems = report["systems"]
@@ -84,7 +86,14 @@ def test_report_has_every_system_and_domain_with_finite_values(smoke_run):
     assert active["btm"] == systems["btm"]["params_total"]
     assert active["expert_routing"] < systems["expert_routing"]["params_total"]
     assert 0 < systems["expert_routing"]["params_trained"] < active["expert_routing"]
-    for png in ("loss_vs_seed.png", "training_curves.png", "gates_layers.png", "gates_tokens.png"):
+    # the output stitch runs every expert whole (their own heads), bts skips what cannot matter
+    assert active["bts"] <= active["bts_heads"] == systems["bts_heads"]["params_total"]
+    assert 0 < systems["bts_heads"]["params_trained"] - bts_entry["params_trained"] < 1000
+    gates = json.loads((smoke_run / "gates.json").read_text())
+    assert set(gates["output"]["mean"]) == set(gates["layer_mean"])
+    assert "### Output gate (`bts_heads`)" in (smoke_run / "report.md").read_text()
+    pngs = ("loss_vs_seed.png", "training_curves.png", "gates_layers.png", "gates_tokens.png")
+    for png in (*pngs, "gates_output.png"):
         assert (smoke_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -338,7 +347,7 @@ def test_repeat_retrains_trained_systems_with_other_seeds_and_reports_ties(smoke
     report = json.loads((smoke_run / "report.json").read_text())
     repeats = report["repeats"]
     assert repeats["seeds"] == [0, 1]
-    trained = {"bts", "btx_soft", "btx_top1", "btx_top2", "bam", "expert_routing"}
+    trained = {"bts", "bts_heads", "btx_soft", "btx_top1", "btx_top2", "bam", "expert_routing"}
     assert trained <= set(repeats["systems"])
     assert not {"seed", "linear", "btm"} & set(repeats["systems"])  # nothing to re-train
     for name, entry in repeats["systems"].items():

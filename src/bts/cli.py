@@ -135,6 +135,8 @@ def run(config: Config, out: Out = None) -> None:
     for domain in r.config.expert_domains:
         _timed(f"expert {domain}", stages.train_expert, r, domain)
     _timed("stitch", stages.stitch, r)
+    if r.config.bts_heads is not None:
+        _timed("stitch heads", stages.stitch_heads, r)
     _timed("baselines", stages.baselines, r)
     _timed("report", compare, r)
     _headline(r.root)

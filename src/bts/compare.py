@@ -26,12 +26,14 @@ from bts.fileio import write_json
 from bts.models import load_causal_lm
 from bts.progress import progress
 from bts.report import write_report
-from bts.stages import Run, baselines, make_seed, once, stitch, train_expert
-from bts.stitch import EXPERTS_INTO_HUB, StitchedModel
+from bts.stages import Run, baselines, make_seed, once, stitch, stitch_heads, train_expert
+from bts.stitch import EXPERTS_INTO_HUB, OUTPUT, StitchedModel
 from bts.train import RESULT
 
 SystemLoader = Callable[[], torch.nn.Module]
 MINUS = "bts-minus:"  # the stitched model with one expert removed
+HEADS = "bts_heads"  # the stitched model with the output stitch (the experts' own heads)
+HEADS_MINUS = "bts_heads-minus:"
 
 
 def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path]]]:
@@ -45,6 +47,9 @@ def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path
         yield f"expert:{d}", lambda d=d: load_causal_lm(experts[d]), f"experts/{d}", [experts[d]]
     stitched = stitch(run)
     yield "bts", lambda: StitchedModel.from_pretrained(stitched), "stitch", [stitched]
+    heads = stitch_heads(run) if run.config.bts_heads is not None else None
+    if heads is not None:
+        yield HEADS, lambda: StitchedModel.from_pretrained(heads), "stitch_heads", [heads]
     built = baselines(run)
     if run.config.baselines.btm:
         yield "btm", lambda: _btm(run), None, [seed, *experts.values()]
@@ -54,6 +59,8 @@ def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path
     if len(domains) > 1:
         for d in domains:
             yield f"{MINUS}{d}", lambda d=d: _without(stitched, d), None, [stitched]
+        for d in domains if heads is not None else []:
+            yield f"{HEADS_MINUS}{d}", lambda d=d: _without(heads, d), None, [heads]
 
 
 def missing_outputs(run: Run) -> list[str]:
@@ -189,20 +196,23 @@ def active_parameters(model: torch.nn.Module) -> int:
 
 def _stitched_active(model: StitchedModel) -> int:
     """Hub, stitches, and each expert's embeddings and the blocks that reach an experts-into-hub
-    stitch (later expert blocks and the experts' heads never run)."""
-    depth = max(p.after_layer for p in model.placement if p.kind == EXPERTS_INTO_HUB) + 1
+    stitch (later expert blocks and the experts' heads never run, unless the output stitch
+    mixes the experts' own heads: then all of each expert runs)."""
     count = sum(p.numel() for p in model.hub.parameters())
-    count += sum(p.numel() for p in model.stitches.parameters())
+    count += sum(p.numel() for p in model.stitch_parameters())
     for expert in model.experts.values():
+        if model.output is not None:
+            count += sum(p.numel() for p in expert.parameters())
+            continue
         count += expert.get_input_embeddings().weight.numel()
-        count += sum(p.numel() for p in expert.model.layers[:depth].parameters())
+        count += sum(p.numel() for p in expert.model.layers[: model.expert_depth].parameters())
     return count
 
 
 def _trained_params(name: str, model, run: Run) -> None:
     """Constituents are loaded frozen or not; mark what the system's own stage trained."""
     spec = run.config.baselines
-    if name == "bts":
+    if name in ("bts", HEADS):
         model.train_only()
     elif name.startswith("btx_"):
         from bts.baselines.btx import set_btx_trainable
@@ -261,31 +271,59 @@ def switch_rows(held: dict[str, np.ndarray], n: int) -> np.ndarray:
     return np.stack(rows).astype(np.int64)
 
 
-def gate_analysis(run: Run, model: StitchedModel) -> dict:
-    """Experts-into-hub gates per eval set: mean per layer, and per token for one sample (for
-    the domain-switch set, a window around the switch)."""
+def _gate_samples(run: Run) -> Iterator[tuple[str, torch.Tensor, slice, list[str]]]:
+    """Per eval set: its rows, and the window of one sample shown token by token (for the
+    domain-switch set, around the switch) with those tokens decoded."""
     tok, n_tokens = run.tokenizer, run.config.eval.gate_sample_tokens
-    out: dict = {"layer_mean": {}, "tokens": {}}
-    model.eval()
     for domain, array in held_out_sets(run).items():
         rows = np.asarray(array[: run.config.eval.max_sequences]).astype(np.int64)
+        start = max(0, rows.shape[1] // 2 - n_tokens // 2) if domain == SWITCH else 0
+        window = slice(start, start + n_tokens)
+        yield domain, torch.from_numpy(rows), window, [tok.decode([t]) for t in rows[0, window]]
+
+
+def gate_analysis(run: Run, model: StitchedModel) -> dict:
+    """Experts-into-hub gates per eval set: mean per layer, and per token for one sample."""
+    out: dict = {"layer_mean": {}, "tokens": {}}
+    model.eval()
+    for domain, rows, window, tokens in _gate_samples(run):
         with torch.inference_mode():
-            gates = model(torch.from_numpy(rows), return_gates=True).gates
+            gates = model(rows, return_gates=True).gates
         e2h = [g for g in gates if g.kind == EXPERTS_INTO_HUB]
         out["layer_mean"][domain] = {
             "layers": [g.after_layer for g in e2h],
             "sources": e2h[-1].sources,
             "weights": [g.weights.mean(dim=(0, 1)).tolist() for g in e2h],
         }
-        start = max(0, rows.shape[1] // 2 - n_tokens // 2) if domain == SWITCH else 0
-        window = slice(start, start + n_tokens)
         out["tokens"][domain] = {
             "layer": e2h[-1].after_layer,
             "sources": e2h[-1].sources,
-            "tokens": [tok.decode([t]) for t in rows[0, window]],
+            "tokens": tokens,
             "weights": e2h[-1].weights[0, window].tolist(),
         }
     return out
+
+
+def output_gate_analysis(run: Run, model: StitchedModel) -> dict:
+    """bts_heads's output gate per eval set: mean weight per source, and per token for one
+    sample (gates.json["output"])."""
+    out: dict = {"mean": {}, "tokens": {}}
+    model.eval()
+    for domain, rows, window, tokens in _gate_samples(run):
+        with torch.inference_mode():
+            gates = model(rows, return_gates=True).gates
+        output = next(g for g in gates if g.kind == OUTPUT)
+        out["mean"][domain] = {
+            "sources": output.sources,
+            "weights": output.weights.mean(dim=(0, 1)).tolist(),
+        }
+        out["tokens"][domain] = {
+            "layer": "output",
+            "sources": output.sources,
+            "tokens": tokens,
+            "weights": output.weights[0, window].tolist(),
+        }
+    return {"output": out}
 
 
 def evaluate_system(
@@ -337,7 +375,8 @@ def compare(run: Run) -> Path:
         entry = _cached_evaluation(run, name, load, stage, paths)
         records += entry["summary"].pop("records")
         report["systems"][name] = entry["summary"]
-        gates = entry.get("gates", gates)
+        if "gates" in entry:  # bts's stitch gates, bts_heads's output gate
+            gates = {**(gates or {}), **entry["gates"]}
     default_btx = run.config.baselines.btx
     if default_btx is not None and f"btx_{default_btx.routing}" in report["systems"]:
         alias = f"btx_{default_btx.routing}"  # `btx` is the config's default variant
@@ -372,11 +411,13 @@ def _cached_evaluation(
     model = configure(load(), run)
     _trained_params(name, model, run)
     # a removal row is read for its losses (report: "Removing an expert"); no generation tasks
-    tasks = ["loss", "humaneval_loss"] if name.startswith(MINUS) else None
+    tasks = ["loss", "humaneval_loss"] if name.startswith((MINUS, HEADS_MINUS)) else None
     summary = evaluate_system(run, name, model, stage, tasks)
     entry = {"key": key, "name": name, "summary": summary}
     if name == "bts":
         entry["gates"] = gate_analysis(run, model)
+    elif name == HEADS:
+        entry["gates"] = output_gate_analysis(run, model)
     once(write_json, cache, entry)
     return json.loads(json.dumps(entry))  # the same floats as a cache hit would read
 

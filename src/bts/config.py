@@ -174,6 +174,11 @@ class StitchConfig(Strict):
     gate_input: Literal["rms", "raw"] | None = None
     gate_bias: bool | None = None
     expert_stream: Literal["keep", "project"] | None = None
+    # the output stitch (docs/stitching.md): the hub's head (the paper's), or a per-token gated
+    # mixture of the hub's and the experts' own heads; `bts_heads` below is this stage with it
+    output: Literal["hub", "mixture"] = "hub"
+    output_mix: Literal["prob", "log"] = "prob"
+    output_evidence: bool = True  # the output gate reads each model's running log-likelihood
     # identity: exactly the hub at step 0; uniform: P = I, zero gates, a = 1 (an even blend of
     # the hub and experts, MixtureKit's start); uniform_into_hub: a = 1 in experts-into-hub
     # stitches only (hub-into-experts start closed); random: nn.Linear's init, a = 1 (the
@@ -201,7 +206,22 @@ class StitchConfig(Strict):
             key: getattr(self, key) if getattr(self, key) is not None else getattr(preset, key)
             for key in ("gate_input", "gate_bias", "expert_stream")
         }
-        return StitchOptions(gate_dropout=self.gate_dropout, gate_gain=self.gate_gain, **chosen)
+        return StitchOptions(
+            gate_dropout=self.gate_dropout,
+            gate_gain=self.gate_gain,
+            output=self.output,
+            output_mix=self.output_mix,
+            output_evidence=self.output_evidence,
+            **chosen,
+        )
+
+
+class HeadsConfig(Strict):
+    """System `bts_heads`: the stitch stage again, with the output stitch mixing the experts' own
+    heads (`stitch.output: mixture`); same seed, experts, mix, tokens and schedule as `bts`."""
+
+    mix: Literal["prob", "log"] = "prob"
+    evidence: bool = True
 
 
 class BaselinesConfig(Strict):
@@ -258,6 +278,7 @@ class RunConfig(Strict):
     seed_model: TinySeed | PretrainedSeed = Field(default_factory=TinySeed, discriminator="kind")
     experts: ExpertsConfig = ExpertsConfig()
     stitch: StitchConfig = StitchConfig()
+    bts_heads: HeadsConfig | None = HeadsConfig()  # null: no bts_heads system
     baselines: BaselinesConfig = BaselinesConfig()
     eval: EvalConfig = EvalConfig()
     inference: InferenceConfig = InferenceConfig()
@@ -271,6 +292,14 @@ class RunConfig(Strict):
         """Experts the stitch stage joins (the hub, if it is an expert, is not among them)."""
         chosen = self.stitch.experts or self.expert_domains
         return [d for d in chosen if d != self.stitch.hub]
+
+    def heads_config(self) -> RunConfig:
+        """The config of the `bts_heads` stitch stage: this one with the output stitch on."""
+        heads = self.bts_heads or HeadsConfig()
+        stitch = self.stitch.model_copy(
+            update={"output": "mixture", "output_mix": heads.mix, "output_evidence": heads.evidence}
+        )
+        return self.model_copy(update={"stitch": stitch})
 
     @property
     def stitch_domains(self) -> list[str]:

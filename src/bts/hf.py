@@ -18,6 +18,7 @@ for one.
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict, fields
 
 import torch
 from transformers import (
@@ -30,6 +31,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from bts.heads import crop_output_state
 from bts.stitch import HUB, StitchedModel, StitchOptions, StitchPoint
 
 MODEL_TYPE = "bts_stitched"
@@ -61,6 +63,9 @@ class BtsStitchedConfig(PretrainedConfig):
     gate_input: str = "rms"
     gate_bias: bool = True
     expert_stream: str = "keep"
+    output: str = "hub"
+    output_mix: str = "prob"
+    output_evidence: bool = True
     use_cache: bool = True
     # the hub's head is tied or not inside the hub; the wrapper itself ties nothing
     tie_word_embeddings: bool = False
@@ -136,6 +141,8 @@ class StitchedCache(Cache):
             getattr(part, method)(*args)
 
     def crop(self, max_length: int) -> None:
+        length = max_length if max_length >= 0 else self.get_seq_length() + max_length
+        crop_output_state(self.inner, length)
         self._each("crop", max_length)
 
     def reset(self) -> None:
@@ -175,11 +182,7 @@ class BtsStitchedForCausalLM(PreTrainedModel, GenerationMixin):
             hub_config=_config_dict(model.hub.config),
             expert_configs={n: _config_dict(m.config) for n, m in model.experts.items()},
             placement=[[p.after_layer, p.kind] for p in model.placement],
-            gate_dropout=model.gate_dropout,
-            gate_gain=model.gate_gain,
-            gate_input=model.options.gate_input,
-            gate_bias=model.options.gate_bias,
-            expert_stream=model.options.expert_stream,
+            **asdict(model.options),
             dtype=next(model.parameters()).dtype,
         )
         wrapper = cls(config, stitched=model)
@@ -251,13 +254,7 @@ def _build(config: BtsStitchedConfig) -> StitchedModel:
         for name in config.expert_configs
     }
     placement = [StitchPoint(int(after), kind) for after, kind in config.placement]
-    options = StitchOptions(
-        gate_dropout=config.gate_dropout,
-        gate_gain=config.gate_gain,
-        gate_input=config.gate_input,
-        gate_bias=config.gate_bias,
-        expert_stream=config.expert_stream,
-    )
+    options = StitchOptions(**{f.name: getattr(config, f.name) for f in fields(StitchOptions)})
     return StitchedModel(hub, experts, placement, options=options)
 
 

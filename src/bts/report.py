@@ -29,6 +29,8 @@ from bts.fileio import write_text
 
 EXPERT_PREFIX = "expert:"
 MINUS_PREFIX = "bts-minus:"
+HEADS = "bts_heads"  # bts with the output stitch (the experts' own heads)
+REMOVAL_BASES = ("bts", HEADS)  # systems whose `<base>-minus:<domain>` rows drop an expert
 MERGES = ("linear", "task_arithmetic", "ties", "dare_ties")
 # the paper's other alternatives, in its Table 3 order (btx is an alias of a btx_* variant)
 OTHERS = ("btm", "expert_routing", "btx_soft", "btx_top1", "btx_top2", "btx", "bam", "bam_adapters")
@@ -53,6 +55,7 @@ IMAGE_FILES = {
     "training_curves": "training_curves.png",
     "gates_layers": "gates_layers.png",
     "gates_tokens": "gates_tokens.png",
+    "gates_output": "gates_output.png",
     "ablation_curves": "ablation_curves.png",
 }
 
@@ -73,7 +76,7 @@ def ordered_systems(report: Mapping[str, Any]) -> list[str]:
     names = [
         n
         for n, s in report["systems"].items()
-        if not n.startswith(MINUS_PREFIX) and "alias_of" not in s
+        if not n.startswith(tuple(f"{b}-minus:" for b in REMOVAL_BASES)) and "alias_of" not in s
     ]
     return sorted(names, key=lambda n: _system_rank(n, domains))
 
@@ -85,8 +88,8 @@ def _system_rank(name: str, domains: list[str]) -> tuple[int, int, str]:
     if name.startswith(EXPERT_PREFIX):
         domain = name[len(EXPERT_PREFIX) :]
         return (1, domains.index(domain) if domain in domains else len(domains), domain)
-    if name == "bts":
-        return (2, 0, "")
+    if name in REMOVAL_BASES:
+        return (2, REMOVAL_BASES.index(name), "")
     if name in MERGES:
         return (3, MERGES.index(name), "")
     if name in OTHERS:
@@ -94,10 +97,11 @@ def _system_rank(name: str, domains: list[str]) -> tuple[int, int, str]:
     return (5, 0, name)
 
 
-def removed_domains(report: Mapping[str, Any]) -> list[str]:
+def removed_domains(report: Mapping[str, Any], base: str = "bts") -> list[str]:
     """Domains whose expert was removed in a `bts-minus:<domain>` system, in domain order."""
     domains = list(report["domains"])
-    removed = [n[len(MINUS_PREFIX) :] for n in report["systems"] if n.startswith(MINUS_PREFIX)]
+    prefix = f"{base}-minus:"
+    removed = [n[len(prefix) :] for n in report["systems"] if n.startswith(prefix)]
     return sorted(removed, key=lambda d: (domains.index(d) if d in domains else len(domains), d))
 
 
@@ -286,8 +290,12 @@ def what_it_shows(report: Mapping[str, Any]) -> str:
         )
     if "bts" in avg and "seed" in avg:
         sentences.append(f"`bts` against the seed: {_versus(report, 'bts', 'seed', avg)}.")
+    # bts_heads keeps every expert whole, so it is read against the systems that do as well
+    whole = [n for n in ("btm", "expert_routing") if HEADS in avg and n in avg]
+    for name in whole:
+        sentences.append(f"`{HEADS}` against `{name}`: {_versus(report, HEADS, name, avg)}.")
     compared = ["bts", single[0]] if "bts" in avg and single else ["bts"]
-    compared = [n for n in [*compared, "seed"] if n in avg]
+    compared = [n for n in [*compared, "seed", *([HEADS] if whole else []), *whole] if n in avg]
     if not all(_seed_stats(systems[n])[0] is not None for n in compared):
         sentences.append(ONE_RUN_NOTE)
     return " ".join(sentences)
@@ -563,20 +571,22 @@ def _delta(a: float | None, b: float | None) -> str:
     return DASH if a is None or b is None else _fmt_delta(a - b)
 
 
-def _removal_summary(report: Mapping[str, Any], domain: str, keys: Sequence[str]) -> str:
+def _removal_summary(
+    report: Mapping[str, Any], domain: str, keys: Sequence[str], base: str = "bts"
+) -> str:
     """One sentence: how far the removed domain moved, and the largest move elsewhere."""
-    minus = f"{MINUS_PREFIX}{domain}"
-    bts, cut, seed = (_loss_of(report, n, domain) for n in ("bts", minus, "seed"))
-    if bts is None or cut is None:
+    minus = f"{base}-minus:{domain}"
+    full, cut, seed = (_loss_of(report, n, domain) for n in (base, minus, "seed"))
+    if full is None or cut is None:
         return ""
-    text = f"Removing `{domain}` changes its loss by {_fmt_delta(cut - bts)}"
+    text = f"Removing `{domain}` changes its loss by {_fmt_delta(cut - full)}"
     if seed is not None:
-        text += f" (the seed is {_fmt_delta(seed - bts)} from bts)"
+        text += f" (the seed is {_fmt_delta(seed - full)} from {base})"
     others = [
         abs(b - a)
         for k in keys
         if k != domain
-        for a, b in [(_loss_of(report, "bts", k), _loss_of(report, minus, k))]
+        for a, b in [(_loss_of(report, base, k), _loss_of(report, minus, k))]
         if a is not None and b is not None
     ]
     if others:
@@ -585,31 +595,34 @@ def _removal_summary(report: Mapping[str, Any], domain: str, keys: Sequence[str]
 
 
 def _removal_section(report: Mapping[str, Any]) -> str:
-    """Per removed expert: loss on every domain for bts vs bts-minus vs seed, with deltas."""
-    removed = removed_domains(report)
-    if not removed:
+    """Per removed expert: loss on every domain for bts (and bts_heads) vs the system without
+    that expert vs the seed, with deltas."""
+    bases = [b for b in REMOVAL_BASES if removed_domains(report, b)]
+    if not bases:
         return ""
     domains, extras = _loss_keys(report, list(report["systems"]))
     keys = domains + extras
     parts = [
         "## Removal experiment",
-        "Each expert's stitch parameters dropped from the trained BTS model, without "
-        "retraining. Δ columns are `bts-minus` minus the named system: the removed domain "
-        "should move toward the seed while the others barely move.",
+        "Each expert's stitch parameters dropped from the trained model, without retraining. "
+        "Δ columns are the model without the expert minus the named system: the removed "
+        "domain should move toward the seed while the others barely move.",
     ]
-    for domain in removed:
-        minus = f"{MINUS_PREFIX}{domain}"
-        header = ["loss on", "bts", f"`{minus}`", "seed", "Δ vs bts", "Δ vs seed"]
-        rows = []
-        for key in keys:
-            bts, cut, seed = (_loss_of(report, n, key) for n in ("bts", minus, "seed"))
-            label = f"**{key}** (removed)" if key == domain else key
-            shown = [DASH if v is None else _fmt_loss(v) for v in (bts, cut, seed)]
-            rows.append([label, *shown, _delta(cut, bts), _delta(cut, seed)])
-        parts += [f"### Without `{domain}`", _table(header, rows)]
-        summary = _removal_summary(report, domain, keys)
-        if summary:
-            parts.append(summary)
+    for base in bases:
+        for domain in removed_domains(report, base):
+            minus = f"{base}-minus:{domain}"
+            header = ["loss on", base, f"`{minus}`", "seed", f"Δ vs {base}", "Δ vs seed"]
+            rows = []
+            for key in keys:
+                full, cut, seed = (_loss_of(report, n, key) for n in (base, minus, "seed"))
+                label = f"**{key}** (removed)" if key == domain else key
+                shown = [DASH if v is None else _fmt_loss(v) for v in (full, cut, seed)]
+                rows.append([label, *shown, _delta(cut, full), _delta(cut, seed)])
+            title = f"Without `{domain}`" if base == "bts" else f"{base} without `{domain}`"
+            parts += [f"### {title}", _table(header, rows)]
+            summary = _removal_summary(report, domain, keys, base)
+            if summary:
+                parts.append(summary)
     return "\n\n".join(parts)
 
 
@@ -656,6 +669,29 @@ def _gate_section(gates: Mapping[str, Any], images: Mapping[str, str]) -> str:
         ]
     captions = {"gates_layers": "gate weights by layer", "gates_tokens": "gate weights by token"}
     parts += [f"![{text}]({images[k]})" for k, text in captions.items() if k in images]
+    if gates.get("output"):
+        parts.append(_output_gate_section(gates["output"], images))
+    return "\n\n".join(parts)
+
+
+def _output_gate_section(output: Mapping[str, Any], images: Mapping[str, str]) -> str:
+    """bts_heads: the output gate's mean weight per constituent head, per eval domain."""
+    means = output.get("mean", {})
+    sources: list[str] = []
+    for entry in means.values():
+        sources += [s for s in entry["sources"] if s not in sources]
+    rows = []
+    for domain, entry in means.items():
+        weights = dict(zip(entry["sources"], entry["weights"], strict=True))
+        rows.append([domain, *[DASH if s not in weights else f"{weights[s]:.3f}" for s in sources]])
+    parts = [
+        "### Output gate (`bts_heads`)",
+        "Weight of each constituent's own next-token distribution in the output mixture, "
+        "averaged over tokens.",
+        _table(["eval domain", *sources], rows, (0,)),
+    ]
+    if "gates_output" in images:
+        parts.append(f"![output gate by token]({images['gates_output']})")
     return "\n\n".join(parts)
 
 
@@ -949,7 +985,7 @@ def _plot_layer_maps(layer_mean: Mapping[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-def _plot_token_maps(tokens: Mapping[str, Any], path: Path) -> None:
+def _plot_token_maps(tokens: Mapping[str, Any], path: Path, label: str = "layer") -> None:
     """Per eval domain, gates per token of one sample (sources x tokens), first MAX_TOKENS."""
     longest = max(min(len(e["tokens"]), MAX_TOKENS) for e in tokens.values())
     fig = _figure(max(6.0, 0.2 * longest + 2.0), 2.3 * len(tokens) + 0.6)
@@ -963,7 +999,8 @@ def _plot_token_maps(tokens: Mapping[str, Any], path: Path) -> None:
         # parse_math=False: a token with '$' must not be read as mathtext.
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7, parse_math=False)
         ax.set_yticks(range(len(entry["sources"])), entry["sources"], fontsize=8)
-        ax.set_title(f"{domain}: layer {entry['layer']}, {len(labels)} tokens", fontsize=10)
+        where = label if entry["layer"] == "output" else f"{label} {entry['layer']}"
+        ax.set_title(f"{domain}: {where}, {len(labels)} tokens", fontsize=10)
     fig.colorbar(image, ax=list(axes), label="gate weight")
     _save(fig, path)
 
@@ -977,6 +1014,10 @@ def plot_gate_maps(gates: Mapping[str, Any], path_layers: Path, path_tokens: Pat
     if gates.get("tokens"):
         _plot_token_maps(gates["tokens"], path_tokens)
         written.append(Path(path_tokens))
+    if gates.get("output", {}).get("tokens"):
+        path_output = Path(path_tokens).with_name(IMAGE_FILES["gates_output"])
+        _plot_token_maps(gates["output"]["tokens"], path_output, "output gate")
+        written.append(path_output)
     return written
 
 

@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from bts.batched import StackedCache, attention_mask_4d, run_block
 from bts.errors import BtsError
+from bts.heads import crop_output_state
 from bts.models import decoder
 from bts.stitch import HUB, StitchedModel, _position_ids, append_token
 
@@ -192,6 +193,7 @@ def speculative_generate(
 
 
 def _crop(caches: StackedCache | dict[str, DynamicCache], length: int) -> None:
+    crop_output_state(caches, length)
     if isinstance(caches, StackedCache):
         caches.crop(length)
         return

@@ -143,6 +143,8 @@ class Run:
         out = {self.path(n): "model" for n in names}
         out[self.path("tokenizer")] = "tokenizer"
         out[self.path("stitched")] = "stitched"
+        if config.bts_heads is not None:
+            out[self.path(HEADS_DIR)] = "stitched"
         if baselines.expert_routing is not None:
             out[self.path("baselines", "expert_routing")] = "routing"
         return out
@@ -489,6 +491,14 @@ def load_models(paths: dict[str, Path]) -> dict[str, PreTrainedModel]:
 def stitch(run: Run) -> Path:
     """Freeze seed and experts; train only the stitch layers on a small mix of the domains."""
     return train_stitched(run, run.config, run.path("stitched"), "stitch")
+
+
+HEADS_DIR = "stitched_heads"  # system bts_heads; its training state is RUN/train/stitch_heads
+
+
+def stitch_heads(run: Run) -> Path:
+    """The stitch stage again with the output stitch (`stitch.output: mixture`): system bts_heads."""
+    return train_stitched(run, run.config.heads_config(), run.path(HEADS_DIR), "stitch_heads")
 
 
 def train_stitched(run: Run, config: RunConfig, out: Path, stage: str) -> Path:

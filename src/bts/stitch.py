@@ -43,11 +43,22 @@ from bts.batched import (
     unstackable_reason,
 )
 from bts.errors import BtsError
+from bts.heads import (
+    OutputKind,
+    OutputMix,
+    OutputState,
+    OutputStitch,
+    nonnegative,
+    output_state,
+    running_evidence,
+    set_output_state,
+)
 from bts.models import Decoder, check_compatible, decoder, freeze, layer_types
 
 StitchKind = Literal["experts_into_hub", "hub_into_experts"]
 EXPERTS_INTO_HUB: StitchKind = "experts_into_hub"
 HUB_INTO_EXPERTS: StitchKind = "hub_into_experts"
+OUTPUT = "output"  # the kind of the output stitch's gate records
 HUB = "hub"
 _UNSET = object()  # "argument not given" where None is a meaningful value
 _CHUNK_TOKENS = 1536  # models x rows x tokens per chunk of a cache-less batched forward
@@ -81,6 +92,11 @@ class StitchOptions:
     gate_input: GateInput = "rms"
     gate_bias: bool = True
     expert_stream: ExpertStream = "keep"
+    # the output stitch (bts.heads): the hub's head ("hub", the paper's) or a gated mixture of
+    # the hub's and the experts' own heads ("mixture"), mixed in probability or log space
+    output: OutputKind = "hub"
+    output_mix: OutputMix = "prob"
+    output_evidence: bool = True
 
     def __post_init__(self):
         if self.gate_input not in ("rms", "raw"):
@@ -89,6 +105,10 @@ class StitchOptions:
             raise BtsError(
                 f"expert_stream '{self.expert_stream}' is unknown: use 'keep' or 'project'"
             )
+        if self.output not in ("hub", "mixture"):
+            raise BtsError(f"output '{self.output}' is unknown: use 'hub' or 'mixture'")
+        if self.output_mix not in ("prob", "log"):
+            raise BtsError(f"output_mix '{self.output_mix}' is unknown: use 'prob' or 'log'")
 
 
 # The paper's layer as written (Sec. 2.3, Eq. 3-4, Appendix B): raw hub state into the gates, no
@@ -150,6 +170,7 @@ def random_initialisation(model: StitchedModel, seed: int = 0) -> None:
                 linear.reset_parameters()
             for scale in stitch.scale.values():
                 nn.init.constant_(scale, 1.0 / stitch.gate_gain)
+        _open_output(model)
     finally:
         torch.random.set_rng_state(generator_state)
 
@@ -161,21 +182,25 @@ def uniform_initialisation(
     zero, as they are built, with the scales of the stitches of `kinds` at 1 (a = 1). Their
     experts-into-hub gates are then uniform over the hub and the experts (h_0 <- mean of all
     streams) and their hub-into-experts gates 1/2; the model starts from an even blend, not from
-    the hub. An expert added later still enters at a = 0, so adding one leaves the trained
-    model's output unchanged."""
+    the hub. With experts-into-hub among `kinds` the output stitch (if any) opens too: its
+    weights start as BTM's posterior over the constituents' heads. An expert added later still
+    enters at a = 0, so adding one leaves the trained model's output unchanged."""
     with torch.no_grad():
         for stitch in model.stitches.values():
             if stitch.kind in kinds:
                 for scale in stitch.scale.values():
                     scale.fill_(1.0 / stitch.gate_gain)
+    if EXPERTS_INTO_HUB in kinds:
+        _open_output(model)
 
 
-def _nonnegative(raw: torch.Tensor, upper: float | None = None) -> torch.Tensor:
-    """Clamp to [0, upper] in the forward pass, identity gradient (projected gradient descent).
-
-    A plain clamp would zero the gradient below 0 and leave a scale that stepped negative dead.
-    """
-    return raw + (raw.clamp(0.0, upper) - raw).detach()
+def _open_output(model: StitchedModel) -> None:
+    """Output stitch priors at 1: its weights are BTM's posterior until the gate trains."""
+    if model.output is None:
+        return
+    with torch.no_grad():
+        for scale in model.output.scale.values():
+            scale.fill_(1.0)
 
 
 def _stable_exp(logits: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
@@ -286,7 +311,7 @@ class StitchLayer(nn.Module):
         # softmax with priors (1, a_1..a_n): weights exactly (1, 0, ..) at a = 0 (Eq. 3 at a = 1)
         priors = torch.stack(
             [hub.new_ones(self.width)]
-            + [_nonnegative(self.gate_gain * self.scale[n]) for n in names]
+            + [nonnegative(self.gate_gain * self.scale[n]) for n in names]
         )
         if keep is not None:  # per-row prior 0 for a pruned expert: [batch, 1, sources, width]
             rows = torch.cat([keep.new_ones(keep.shape[0], 1), keep], dim=1).to(priors.dtype)
@@ -306,7 +331,7 @@ class StitchLayer(nn.Module):
             return hub, experts, hub.new_zeros(*hub.shape[:-1], 0, self.width)
         logits = self._gate_logits(hub, names)
         gates = torch.stack(
-            [_nonnegative(self.gate_gain * self.scale[n], upper=1.0) for n in names]
+            [nonnegative(self.gate_gain * self.scale[n], upper=1.0) for n in names]
         ) * torch.sigmoid(logits)
         updated = {
             # (1 - s) h_i + s P'_i(h_0), written so that s = 0 returns h_i bit for bit (Eq. 4)
@@ -385,6 +410,12 @@ class StitchedModel(nn.Module):
                 for p in self.placement
             }
         )
+        opts = self.options
+        self.output = (
+            OutputStitch(self.width, [], opts.output_mix, opts.output_evidence)
+            if opts.output == "mixture"
+            else None
+        )
         for name, model in experts.items():
             self.add_expert(name, model)
 
@@ -450,7 +481,7 @@ class StitchedModel(nn.Module):
         check_compatible(self.hub, model, name)
         self._drop_stacks()
         self.experts[name] = freeze(model)
-        for stitch in self.stitches.values():
+        for stitch in self._stitch_modules():
             stitch.add_expert(name)
 
     def remove_expert(self, name: str) -> None:
@@ -461,16 +492,43 @@ class StitchedModel(nn.Module):
             self._stacked.unbind(self.experts[name])  # it keeps working on its own after removal
         self._drop_stacks()
         del self.experts[name]
-        for stitch in self.stitches.values():
+        for stitch in self._stitch_modules():
             stitch.remove_expert(name)
 
     def stitch_parameters(self, expert: str | None = None) -> Iterator[nn.Parameter]:
         """All stitch parameters, or only those that belong to one expert."""
         if expert is None:
-            yield from self.stitches.parameters()
+            for stitch in self._stitch_modules():
+                yield from stitch.parameters()
             return
-        for stitch in self.stitches.values():
+        for stitch in self._stitch_modules():
             yield from stitch.expert_parameters(expert)
+
+    def _stitch_modules(self) -> list[nn.Module]:
+        """The stitch layers, then the output stitch if there is one: all that trains."""
+        return [*self.stitches.values(), *([self.output] if self.output is not None else [])]
+
+    def stitch_state_dict(self) -> dict[str, torch.Tensor]:
+        """What `save_pretrained` writes: the stitch layers' weights, the output stitch's under
+        'output.'."""
+        weights = dict(self.stitches.state_dict())
+        if self.output is not None:
+            weights |= {f"{OUTPUT}.{k}": v for k, v in self.output.state_dict().items()}
+        return weights
+
+    def load_stitch_state_dict(self, weights: dict[str, torch.Tensor]) -> tuple[list, list]:
+        """Load `stitch_state_dict`'s weights; return (missing, unexpected) keys."""
+        prefix = f"{OUTPUT}."
+        own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        rest = {k: v for k, v in weights.items() if not k.startswith(prefix)}
+        missing, unexpected = self.stitches.load_state_dict(rest, strict=False)
+        if self.output is None:
+            return list(missing), [*unexpected, *(prefix + k for k in own)]
+        out_missing, out_unexpected = self.output.load_state_dict(own, strict=False)
+        return [*missing, *(prefix + k for k in out_missing)], [
+            *unexpected,
+            *(prefix + k for k in out_unexpected),
+        ]
 
     def train_only(self, expert: str | None = None) -> int:
         """Make only the stitch parameters (of one expert, if named) trainable; return their count."""
@@ -483,7 +541,8 @@ class StitchedModel(nn.Module):
     def train(self, mode: bool = True) -> StitchedModel:
         """Only the stitches switch modes; frozen constituents always run in eval mode."""
         self.training = mode
-        self.stitches.train(mode)
+        for stitch in self._stitch_modules():
+            stitch.train(mode)
         self.hub.eval()
         self.experts.eval()
         return self
@@ -541,7 +600,10 @@ class StitchedModel(nn.Module):
 
     @property
     def expert_depth(self) -> int:
-        """Blocks the experts run: the ones after the last experts-into-hub stitch cannot matter."""
+        """Blocks the experts run: the ones after the last experts-into-hub stitch cannot matter
+        (unless the output stitch reads the experts' own final states)."""
+        if self.output is not None:
+            return self.hub.config.num_hidden_layers
         return max(p.after_layer for p in self.placement if p.kind == EXPERTS_INTO_HUB) + 1
 
     def _constituents(self) -> list[PreTrainedModel]:
@@ -608,21 +670,94 @@ class StitchedModel(nn.Module):
             )
         args = (input_ids, attention_mask, past_key_values, return_gates, names, keep)
         if stacks is not None and past_key_values is None:
-            hidden, gate_records = self._run_batched_in_chunks(stacks, *args)
+            hidden, finals, gate_records = self._run_batched_in_chunks(stacks, *args)
         elif stacks is not None:
-            hidden, gate_records = self._run_batched(stacks, *args)
+            hidden, finals, gate_records = self._run_batched(stacks, *args)
         else:
-            hidden, gate_records = self._run_looped(*args)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = decoder(self.hub, "hub").logits(hidden)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+            hidden, finals, gate_records = self._run_looped(*args)
+        if self.output is None:
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+            logits = decoder(self.hub, "hub").logits(hidden)
+            loss = causal_lm_loss(logits, labels) if labels is not None else None
+        else:
+            streams = {HUB: hidden, **finals}
+            logits, weights, loss = self._mixed_output(
+                streams, names, keep, *args[:3], logits_to_keep, labels
+            )
+            if return_gates:
+                layers = self.hub.config.num_hidden_layers
+                gate_records.append(GateRecord(layers, OUTPUT, [HUB, *names], weights.detach()))
         return StitchedOutput(
             loss=loss,
             logits=logits,
             past_key_values=past_key_values if use_cache else None,
             gates=gate_records if return_gates else None,
         )
+
+    def _mixed_output(
+        self, streams, names, keep, input_ids, attention_mask, cache, logits_to_keep, labels
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The output stitch: each constituent's own head on its final stream, mixed per token.
+        Returns (logits, weights, loss). With evidence every position's head runs, since the
+        gate scores the whole context.
+
+        Training (labels, autograd, probability mix) never builds the mixture over the
+        vocabulary: the loss needs only each head's probability of the targets, so logits is
+        None there (the [sources, batch, seq, vocab] tensors cost 3x the step time)."""
+        sources, models = [HUB, *names], {HUB: self.hub, **self.experts}
+        last = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        if not self.output.evidence:
+            streams = {n: h[:, last] for n, h in streams.items()}
+        heads = [decoder(models[n], n).logits(streams[n]).float() for n in sources]
+        loss_only = labels is not None and torch.is_grad_enabled() and self.output.mix == "prob"
+        if loss_only and cache is None and not logits_to_keep:
+            weights, loss = self._mixture_loss(
+                heads, streams[HUB], input_ids, attention_mask, labels, names, keep
+            )
+            return None, weights, loss
+        log_probs = torch.stack([h.log_softmax(-1) for h in heads])
+        del heads
+        evidence = None
+        if self.output.evidence:
+            index = input_ids[None, :, 1:, None].expand(len(sources), -1, -1, 1)
+            scored = log_probs[:, :, :-1].gather(-1, index)[..., 0]
+            evidence = self._evidence(scored, log_probs, input_ids, attention_mask, cache, sources)
+            log_probs, evidence = log_probs[:, :, last], evidence[..., last]
+        weights = self.output.weights(streams[HUB][:, last], evidence, names, keep)
+        logits = self.output(log_probs, weights)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return logits, weights, loss
+
+    def _mixture_loss(self, heads, hub, input_ids, attention_mask, labels, names, keep):
+        """(weights, loss) from each head's log-probability of the targets only."""
+        normaliser = torch.stack([h.logsumexp(-1) for h in heads])[:, :, :-1]
+
+        def scores(tokens):  # log p_m(tokens[t + 1]) at every position t but the last
+            index = tokens[:, 1:, None]
+            return torch.stack([h[:, :-1].gather(-1, index)[..., 0] for h in heads]) - normaliser
+
+        evidence = None
+        if self.output.evidence:
+            evidence = running_evidence(scores(input_ids), input_ids, attention_mask, None)
+        weights = self.output.weights(hub, evidence, names, keep)
+        targets = labels[:, 1:]
+        picked = scores(labels.clamp(min=0))[..., None]  # -100 (ignored) gathers any token
+        token = self.output(picked, weights[:, :-1])[..., 0]
+        valid = targets != -100
+        return weights, -(token * valid).sum() / valid.sum().clamp(min=1)
+
+    def _evidence(self, scored, log_probs, input_ids, attention_mask, cache, sources):
+        """The new positions' running evidence [decays, sources, batch, new], continued from the
+        cache's state, which then holds it and this forward's log-probs."""
+        state = output_state(cache) if cache is not None else None
+        if state is not None:
+            state = state.select(sources)
+        evidence = running_evidence(scored, input_ids, attention_mask, state)
+        if cache is not None:
+            seen = evidence if state is None else torch.cat([state.evidence, evidence], -1)
+            set_output_state(cache, OutputState(seen, log_probs.detach(), sources))
+        return evidence
 
     def _active_experts(
         self, expert_keep: torch.Tensor | None, rows: int
@@ -672,7 +807,7 @@ class StitchedModel(nn.Module):
                 hub, experts = self._stitch(index, streams, names, keep, return_gates, records)
                 streams[HUB] = hub
                 streams.update(experts)
-        return streams[HUB], records
+        return streams[HUB], {n: streams[n] for n in names}, records
 
     def _run_batched_in_chunks(self, stacks, input_ids, attention_mask, cache, gates, names, keep):
         """Cache-less forward over groups of rows: rows are independent, and [M, rows, T, d]
@@ -694,14 +829,15 @@ class StitchedModel(nn.Module):
             )
             for rows in (slice(i, i + step) for i in range(0, batch, step))
         ]
-        hidden = torch.cat([h for h, _ in parts])
+        hidden = torch.cat([p[0] for p in parts])
+        experts = {n: torch.cat([p[1][n] for p in parts]) for n in parts[0][1]}
         records = [
             GateRecord(
-                r.after_layer, r.kind, r.sources, torch.cat([p[1][i].weights for p in parts])
+                r.after_layer, r.kind, r.sources, torch.cat([p[2][i].weights for p in parts])
             )
-            for i, r in enumerate(parts[0][1])
+            for i, r in enumerate(parts[0][2])
         ]
-        return hidden, records
+        return hidden, experts, records
 
     def _run_batched(self, stacks, input_ids, attention_mask, cache, return_gates, names, keep):
         """All constituents' blocks at one depth as one batched computation (bts.batched)."""
@@ -716,7 +852,7 @@ class StitchedModel(nn.Module):
         rotary = self.hub.model.rotary_emb(x[0], position_ids)
         batch, new = input_ids.shape
         mask = attention_mask_4d(attention_mask, batch, new, past, input_ids.device)
-        records = []
+        records, finals = [], {}
         for index, layer in enumerate(layers):
             x = run_block(stacks, layer, index, x, rotary, mask, cache)
             if str(index) not in self.stitches:
@@ -724,14 +860,16 @@ class StitchedModel(nn.Module):
             streams = {HUB: x[0], **{n: x[i] for i, n in enumerate(names, start=1)}}
             hub, experts = self._stitch(index, streams, names, keep, return_gates, records)
             if index + 1 >= self.expert_depth:  # only the hub runs deeper
-                x = hub[None]
+                x, finals = hub[None], experts
             elif torch.is_grad_enabled():  # autograd needs the old streams: a new tensor
                 x = torch.stack([hub, *(experts[n] for n in names)])
             else:  # write back in place: no fresh [M, B, T, d] allocation per stitch
                 for i, stream in enumerate([hub, *(experts[n] for n in names)]):
                     if stream is not streams[HUB if i == 0 else names[i - 1]]:
                         x[i].copy_(stream)
-        return x[0], records
+        if x.shape[0] > 1:  # the experts ran to the last block
+            finals = {n: x[i] for i, n in enumerate(names, start=1)}
+        return x[0], finals, records
 
     def _stitch(self, index, streams, names, keep, return_gates, records):
         """Apply the stitch after block `index` to the streams; record its gates if asked."""

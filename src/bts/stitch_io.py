@@ -35,7 +35,14 @@ VERSIONS = (1,)  # what load_stitched reads
 DIGEST = "bts_manifest_sha256"  # key of the manifest digest in the safetensors metadata
 KINDS: tuple[str, ...] = get_args(StitchKind)
 # layer options added after version 1's first manifests: absent means the default (OPTIONS)
-OPTIONS = {"gate_input": ("rms", "raw"), "gate_bias": (True, False), "expert_stream": ("keep", "project")}
+OPTIONS = {
+    "gate_input": ("rms", "raw"),
+    "gate_bias": (True, False),
+    "expert_stream": ("keep", "project"),
+    "output": ("hub", "mixture"),
+    "output_mix": ("prob", "log"),
+    "output_evidence": (True, False),
+}
 _FIELDS = ("format", "version", "placement", "gate_dropout", "gate_gain", *OPTIONS, "hub", "experts")
 _ENTRY_FIELDS = ("path", "sha256", "dtype")
 _RESAVE = "re-save the stitched model"
@@ -49,9 +56,7 @@ def manifest(model: StitchedModel, directory: Path) -> dict:
         "placement": [[p.after_layer, p.kind] for p in model.placement],
         "gate_dropout": model.gate_dropout,
         "gate_gain": model.gate_gain,
-        "gate_input": model.options.gate_input,
-        "gate_bias": model.options.gate_bias,
-        "expert_stream": model.options.expert_stream,
+        **{key: getattr(model.options, key) for key in OPTIONS},
         "hub": constituent_entry(model.hub, "the hub", directory),
         "experts": {
             n: constituent_entry(m, f"expert '{n}'", directory) for n, m in model.experts.items()
@@ -96,7 +101,7 @@ def save_stitched(model: StitchedModel, directory: Path, force: bool = False) ->
     inputs = {role: Path(m.name_or_path) for role, m in roles.items() if m.name_or_path}
     with atomic_dir(directory, "stitched", force=force, inputs=inputs) as tmp:
         info = manifest(model, tmp)
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.stitches.state_dict().items()}
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.stitch_state_dict().items()}
         metadata = {"format": FORMAT, DIGEST: manifest_digest(info)}
         save_file(weights, str(tmp / WEIGHTS), metadata=metadata)
         (tmp / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
@@ -256,7 +261,7 @@ def load_stitched(directory: Path) -> StitchedModel:
         weights = load_file(str(directory / WEIGHTS))
     except (SafetensorError, OSError) as err:
         raise _corrupt(directory / WEIGHTS, err) from err
-    missing, unexpected = model.stitches.load_state_dict(weights, strict=False)
+    missing, unexpected = model.load_stitch_state_dict(weights)
     if missing or unexpected:
         raise BtsError(
             f"{directory / WEIGHTS} does not match its manifest (missing {missing[:3]}, unexpected "
