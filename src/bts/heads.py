@@ -123,8 +123,11 @@ class OutputStitch(nn.Module):
             return log_probs[0] + (w * ratio).sum(0)  # logits: cross-entropy normalises
         # log p_0 + log sum_m w_m exp(log p_m - log p_0), shifted by the largest ratio among the
         # sources with weight: at w = (1, 0, ..) the shift and the sum are exactly 0 and 1
-        shift = torch.where(w > 0, ratio, torch.full_like(ratio, float("-inf")))
-        shift = shift.amax(0).detach()
+        if bool((w > 0).all()):  # the usual case once trained: no vocabulary-sized mask
+            shift = ratio.amax(0).detach()
+        else:
+            shift = torch.where(w > 0, ratio, torch.full_like(ratio, float("-inf")))
+            shift = shift.amax(0).detach()
         mixed = (w * torch.exp(ratio - shift)).sum(0)
         return log_probs[0] + shift + mixed.log()
 
