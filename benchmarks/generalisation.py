@@ -60,7 +60,7 @@ def main() -> int:
     batch = run.config.eval.batch_size
     losses = {}
     for name, load, _, _ in systems(run):
-        if name.startswith("bts-minus:"):
+        if "-minus:" in name:  # removal rows (bts-minus, bts_heads-minus)
             continue
         losses[name] = held_out_loss(load(), rows, batch).loss
         print(f"{name:<20} {losses[name]:.4f}", flush=True)
