@@ -21,13 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bts.compare import systems
+from bts.compare import load_baseline, systems
 from bts.data.packing import pack_documents
 from bts.data.sources import Document
 from bts.evaluate import held_out_loss
 from bts.fileio import write_json
 from bts.progress import quiet_libraries
+from bts.repeat import REPEATS, sample_sd
 from bts.stages import Run
+from bts.stitch import StitchedModel
 
 EXCLUDED = {"lm_eval", "lm-eval"}  # the prose domain reads lm_eval's task READMEs
 MIN_CHARS = 2000
@@ -49,6 +51,9 @@ def main() -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None, help="default RUN/generalisation.json")
+    parser.add_argument(
+        "--repeats", action="store_true", help="also score RUN/repeats/seed-*/ (bts repeat)"
+    )
     args = parser.parse_args()
     quiet_libraries()
     run = Run.load(args.run_dir, lock=False)
@@ -68,6 +73,7 @@ def main() -> int:
     print(f"\n{'system':<20} {'loss':>8} {'vs seed':>9}")
     for name, loss in sorted(losses.items(), key=lambda kv: kv[1]):
         print(f"{name:<20} {loss:>8.4f} {loss - seed:>+9.4f}")
+    per_seed = repeated(run, rows, batch, losses) if args.repeats else {}
     out = args.out or run.path("generalisation.json")
     write_json(
         out,
@@ -79,10 +85,35 @@ def main() -> int:
             "rows": int(len(rows)),
             "seq_len": run.config.data.seq_len,
             "loss": losses,
+            "per_seed": per_seed,
         },
     )
     print(f"\nnumbers: {out}")
     return 0
+
+
+def repeated(run: Run, rows: np.ndarray, batch: int, losses: dict) -> dict:
+    """Losses of every re-trained system of `bts repeat` (seed 0: the run's own), with mean and
+    sd over seeds, printed and returned by system."""
+    per_seed: dict[str, dict[str, float]] = {}
+    for directory in sorted(run.path(REPEATS).glob("seed-*")):
+        seed = directory.name.removeprefix("seed-")
+        trained = {"bts": directory / "stitched", "bts_heads": directory / "stitched_heads"}
+        trained |= {p.name: p for p in sorted((directory / "baselines").glob("*"))}
+        for name, path in trained.items():
+            if path.is_dir() and name in losses:
+                if path.parent.name == "baselines":
+                    model = load_baseline(name, path)
+                else:
+                    model = StitchedModel.from_pretrained(path)
+                per_seed.setdefault(name, {"0": losses[name]})[seed] = held_out_loss(
+                    model, rows, batch
+                ).loss
+    print(f"\n{'system':<20} {'mean':>8} {'sd':>8}  seeds")
+    for name, by_seed in sorted(per_seed.items(), key=lambda kv: np.mean(list(kv[1].values()))):
+        values = list(by_seed.values())
+        print(f"{name:<20} {np.mean(values):>8.4f} {sample_sd(values):>8.4f}  {len(values)}")
+    return per_seed
 
 
 if __name__ == "__main__":
