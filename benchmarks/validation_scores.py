@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bts.compare import _btm, held_out_sets, load_baseline
+from bts.baselines.btm import load_btm
+from bts.compare import held_out_sets, load_baseline
 from bts.evaluate import held_out_loss
 from bts.models import load_causal_lm
 from bts.stages import Run
@@ -24,7 +25,9 @@ def main(run_dir: Path, out: Path | None) -> None:
     run = Run.load(run_dir, lock=False)
     held = held_out_sets(run, validation=True)
     systems = {
-        "btm": lambda: _btm(run),
+        "btm": lambda: load_btm(
+            run.path("seed"), {d: run.path("experts", d) for d in run.config.expert_domains}
+        ),
         "expert_routing": lambda: load_baseline(
             "expert_routing", run.path("baselines", "expert_routing")
         ),

@@ -28,9 +28,9 @@ from bts.errors import BtsError
 from bts.fileio import write_text
 
 EXPERT_PREFIX = "expert:"
-MINUS_PREFIX = "bts-minus:"
 HEADS = "bts_heads"  # bts with the output stitch (the experts' own heads)
 REMOVAL_BASES = ("bts", HEADS)  # systems whose `<base>-minus:<domain>` rows drop an expert
+REMOVAL_PREFIXES = tuple(f"{base}-minus:" for base in REMOVAL_BASES)
 MERGES = ("linear", "task_arithmetic", "ties", "dare_ties")
 # the paper's other alternatives, in its Table 3 order (btx is an alias of a btx_* variant)
 OTHERS = ("btm", "expert_routing", "btx_soft", "btx_top1", "btx_top2", "btx", "bam", "bam_adapters")
@@ -76,7 +76,7 @@ def ordered_systems(report: Mapping[str, Any]) -> list[str]:
     names = [
         n
         for n, s in report["systems"].items()
-        if not n.startswith(tuple(f"{b}-minus:" for b in REMOVAL_BASES)) and "alias_of" not in s
+        if not n.startswith(REMOVAL_PREFIXES) and "alias_of" not in s
     ]
     return sorted(names, key=lambda n: _system_rank(n, domains))
 

@@ -807,7 +807,7 @@ class StitchedModel(nn.Module):
                 hub, experts = self._stitch(index, streams, names, keep, return_gates, records)
                 streams[HUB] = hub
                 streams.update(experts)
-        return streams[HUB], {n: streams[n] for n in names}, records
+        return streams[HUB], self._final_streams(streams, names), records
 
     def _run_batched_in_chunks(self, stacks, input_ids, attention_mask, cache, gates, names, keep):
         """Cache-less forward over groups of rows: rows are independent, and [M, rows, T, d]
@@ -860,7 +860,7 @@ class StitchedModel(nn.Module):
             streams = {HUB: x[0], **{n: x[i] for i, n in enumerate(names, start=1)}}
             hub, experts = self._stitch(index, streams, names, keep, return_gates, records)
             if index + 1 >= self.expert_depth:  # only the hub runs deeper
-                x, finals = hub[None], experts
+                x, finals = hub[None], self._final_streams(experts, names)
             elif torch.is_grad_enabled():  # autograd needs the old streams: a new tensor
                 x = torch.stack([hub, *(experts[n] for n in names)])
             else:  # write back in place: no fresh [M, B, T, d] allocation per stitch
@@ -868,8 +868,13 @@ class StitchedModel(nn.Module):
                     if stream is not streams[HUB if i == 0 else names[i - 1]]:
                         x[i].copy_(stream)
         if x.shape[0] > 1:  # the experts ran to the last block
-            finals = {n: x[i] for i, n in enumerate(names, start=1)}
+            finals = self._final_streams({n: x[i] for i, n in enumerate(names, start=1)}, names)
         return x[0], finals, records
+
+    def _final_streams(self, streams, names) -> dict[str, torch.Tensor]:
+        """The experts' last states, kept only for the output stitch (which applies their
+        heads); without it nothing reads them, and the chunked path would concatenate them."""
+        return {n: streams[n] for n in names} if self.output is not None else {}
 
     def _stitch(self, index, streams, names, keep, return_gates, records):
         """Apply the stitch after block `index` to the streams; record its gates if asked."""
