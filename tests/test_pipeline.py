@@ -230,6 +230,21 @@ def test_every_ablation_overlay_runs_and_joins_the_report(smoke_run):
     assert (smoke_run / "ablation_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_ablation_of_bts_heads_keeps_the_output_stitch(smoke_run):
+    from bts.stitch import EXPERTS_INTO_HUB, StitchedModel
+
+    result = bts("ablate", smoke_run, "e2h_only", "--system", "bts_heads")
+    assert result.exit_code == 0, result.output
+    report = json.loads((smoke_run / "report.json").read_text())
+    entry = report["ablations"]["bts_heads/e2h_only"]
+    assert entry["system"] == "bts_heads"
+    assert entry["train_tokens"] == report["systems"]["bts_heads"]["train_tokens"]
+    model = StitchedModel.from_pretrained(smoke_run / "ablations/bts_heads/e2h_only/stitched")
+    assert model.output is not None  # the overlay went over bts_heads's config, not bts's
+    assert {p.kind for p in model.placement} == {EXPERTS_INTO_HUB}
+    assert "`bts_heads/e2h_only`" in (smoke_run / "report.md").read_text()
+
+
 def test_ablation_models_change_what_their_overlay_says(smoke_run):
     from bts.ablate import load_ablation
     from bts.models import load_causal_lm, weights_sha256

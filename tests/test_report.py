@@ -296,6 +296,7 @@ def test_ablation_table_deltas_switch_column_and_paired_curves(tmp_path: Path) -
         "bts": _system([1.45, 1.70, 2.00], {}, loss_extra={"domain_switch": 2.5}),
         "btx_top2": _system([1.61, 1.83, 2.31], {}),
         "btx": {"alias_of": "btx_top2", **_system([1.61, 1.83, 2.31], {})},
+        "bts_heads": _system([1.30, 1.60, 1.90], {}),
     }
     ablations = {
         "stitches_1": {
@@ -308,16 +309,25 @@ def test_ablation_table_deltas_switch_column_and_paired_curves(tmp_path: Path) -
             "overlay": {"domains": ["code", "math"]},
             **_system([1.40, 1.60, 1.90], {}),
         },
+        "bts_heads/stitches_1": {  # `bts ablate --system bts_heads`: compared with bts_heads
+            "description": "one layer",
+            "overlay": {"num_stitches": 1},
+            "system": "bts_heads",
+            **_system([1.35, 1.60, 1.90], {}),
+        },
     }
     report = {"systems": systems, "domains": DOMAINS, "ablations": ablations}
     (tmp_path / "report.json").write_text(json.dumps(report))
     _write_log(tmp_path / "train" / "stitch" / "metrics.jsonl", per_step_tokens=False)
+    _write_log(tmp_path / "train" / "stitch_heads" / "metrics.jsonl", per_step_tokens=False)
     for name in ablations:
         _write_log(tmp_path / "train" / "ablations" / name / "metrics.jsonl", False)
     md = write_report(tmp_path).read_text()
     rows = {r["ablation"].strip("`"): r for r in _tables(md)["Ablations"]}
-    assert rows["stitches_1"]["Δ avg vs bts"] == f"{(1.50 + 1.70 + 2.03 - 5.15) / 3:+.4f}"
-    assert rows["general_data"]["Δ avg vs bts"] == f"{(1.40 + 1.60 + 1.90 - 5.15) / 3:+.4f}"
+    assert rows["stitches_1"]["Δ avg vs its system"] == f"{(1.50 + 1.70 + 2.03 - 5.15) / 3:+.4f}"
+    assert rows["general_data"]["Δ avg vs its system"] == f"{(1.40 + 1.60 + 1.90 - 5.15) / 3:+.4f}"
+    assert rows["bts_heads/stitches_1"]["Δ avg vs its system"] == f"{0.05 / 3:+.4f}"
+    assert {"bts` (run config)", "bts_heads` (run config)"} <= set(rows)  # both bases shown
     assert rows["stitches_1"]["domain_switch ↓"] == "2.6000"
     assert rows["general_data"]["domain_switch ↓"] == "–"
     assert "ablation_curves.png" in md
@@ -335,7 +345,10 @@ def test_ablation_table_deltas_switch_column_and_paired_curves(tmp_path: Path) -
             }
         ).items()
     }
-    assert _paired_ablations(report, curves) == ["stitches_1"]  # general_data saw other batches
+    assert _paired_ablations(report, curves) == {  # general_data saw other batches
+        "stitches_1": "stitch",
+        "bts_heads/stitches_1": "stitch_heads",
+    }
 
 
 # ---------------------------------------------------------------- heat map, headline, summary

@@ -5,7 +5,8 @@ merged key by key over the run's own stitch config; the seed and the experts are
 each ablation changes exactly one thing. The shipped overlays are package data
 (src/bts/ablations/, shown by `bts ablate RUN --list`), found from any working directory.
 Results join the run's report: `report.json["ablations"][name]` and an ablations table in
-report.md.
+report.md. `--system bts_heads` merges the overlay over the `bts_heads` stage's config (the
+output stitch on) instead, and names the ablation `bts_heads/<name>`.
 
     RUN/ablations/<name>/stitched/   the ablated stitched model
     RUN/train/ablations/<name>/      its training checkpoint and metrics (the curves)
@@ -31,6 +32,8 @@ from bts.stitch import StitchedModel
 # The shipped overlays, inside the installed package: found from any working directory.
 DEFAULT_DIR = Path(str(resources.files("bts") / "ablations"))
 OVERLAY_KEYS = {"description", "stitch"}
+# the systems an overlay can change: each one's stitch config, from the run's config
+SYSTEMS = {"bts": lambda config: config, "bts_heads": RunConfig.heads_config}
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Ablation:
     description: str
     overlay: dict[str, Any]
     config: RunConfig
+    system: str = "bts"
 
 
 def overlay_paths(names: list[str], directory: Path | None = None) -> list[Path]:
@@ -64,8 +68,10 @@ def overlay_paths(names: list[str], directory: Path | None = None) -> list[Path]
     return paths
 
 
-def load_ablation(path: Path, base: RunConfig) -> Ablation:
-    """Merge an overlay over the run's config and validate the result like any run config."""
+def load_ablation(path: Path, base: RunConfig, system: str = "bts") -> Ablation:
+    """Merge an overlay over `system`'s config in the run and validate it like any run config."""
+    if system not in SYSTEMS:
+        raise BtsError(f"bts ablate cannot change system {system!r}: use one of {sorted(SYSTEMS)}")
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as err:
@@ -77,10 +83,11 @@ def load_ablation(path: Path, base: RunConfig) -> Ablation:
             f"{path}: an ablation overlay holds `description` and a `stitch` section only "
             "(it re-runs the stitch stage on the run's seed and experts)"
         )
-    merged = base.model_dump(mode="json")
+    merged = SYSTEMS[system](base).model_dump(mode="json")
     merged["stitch"] = merge_overlay(merged["stitch"], data["stitch"] or {})
     config = parse_config(merged, str(path))
-    return Ablation(Path(path).stem, str(data.get("description", "")), data["stitch"], config)
+    name = Path(path).stem if system == "bts" else f"{system}/{Path(path).stem}"
+    return Ablation(name, str(data.get("description", "")), data["stitch"], config, system)
 
 
 def merge_overlay(base: dict, overlay: dict) -> dict:
@@ -100,11 +107,11 @@ def _merge(base: dict, overlay: dict) -> dict:
     return out
 
 
-def ablate(run: Run, paths: list[Path]) -> Path:
+def ablate(run: Run, paths: list[Path], system: str = "bts") -> Path:
     """Train and evaluate each ablation, add it to report.json, and re-render the report."""
     from bts.compare import configure, evaluate_system, read_report
 
-    ablations = [load_ablation(p, run.config) for p in paths]  # all validated before any work
+    ablations = [load_ablation(p, run.config, system) for p in paths]  # all validated before any work
     report = read_report(run)
     results = dict(report.get("ablations", {}))
     for ab in progress(ablations, desc="ablate", unit="ablation"):
@@ -113,7 +120,9 @@ def ablate(run: Run, paths: list[Path]) -> Path:
         model = configure(StitchedModel.from_pretrained(stitched), run)
         model.train_only()
         summary = evaluate_system(run, ab.name, model, stage, tasks=["loss", "humaneval_loss"])
-        results[ab.name] = {"description": ab.description, "overlay": ab.overlay, **summary}
+        results[ab.name] = {
+            "description": ab.description, "overlay": ab.overlay, "system": ab.system, **summary
+        }
         del model
     report["ablations"] = results
     once(write_json, run.path("report.json"), report)
@@ -122,10 +131,10 @@ def ablate(run: Run, paths: list[Path]) -> Path:
     return write_report(run.root)
 
 
-def describe(paths: list[Path], base: RunConfig) -> str:
+def describe(paths: list[Path], base: RunConfig, system: str = "bts") -> str:
     """One line per overlay (for `bts ablate --list`)."""
     lines = []
     for path in paths:
-        ab = load_ablation(path, base)
+        ab = load_ablation(path, base, system)
         lines.append(f"{ab.name:<20} {ab.description}  {json.dumps(ab.overlay)}")
     return "\n".join(lines)

@@ -216,6 +216,9 @@ def ablate(
         typer.Option(help="Folder of ablation overlays (default: those shipped with bts)"),
     ] = None,
     list_only: Annotated[bool, typer.Option("--list", help="Show the overlays and exit")] = False,
+    system: Annotated[
+        str, typer.Option(help="The system whose stitch stage each overlay changes: bts or bts_heads")
+    ] = "bts",
 ) -> None:
     """Re-run only the stitch stage under config overlays and add the results to the report."""
     from bts.ablate import ablate as stage
@@ -225,9 +228,9 @@ def ablate(
     r = Run.load(run_dir)
     paths = overlay_paths(names or [], overlays)
     if list_only:
-        typer.echo(describe(paths, r.config))
+        typer.echo(describe(paths, r.config, system))
         return
-    _timed("ablate", stage, r, paths)
+    _timed("ablate", stage, r, paths, system)
 
 
 def _seeds(text: str) -> list[int]:

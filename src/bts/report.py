@@ -29,12 +29,13 @@ from bts.fileio import write_text
 
 EXPERT_PREFIX = "expert:"
 HEADS = "bts_heads"  # bts with the output stitch (the experts' own heads)
-REMOVAL_BASES = ("bts", HEADS)  # systems whose `<base>-minus:<domain>` rows drop an expert
-REMOVAL_PREFIXES = tuple(f"{base}-minus:" for base in REMOVAL_BASES)
+STITCHED = ("bts", HEADS)  # stitched systems: `<base>-minus:<domain>` rows, ablation bases
+REMOVAL_PREFIXES = tuple(f"{base}-minus:" for base in STITCHED)
 MERGES = ("linear", "task_arithmetic", "ties", "dare_ties")
 # the paper's other alternatives, in its Table 3 order (btx is an alias of a btx_* variant)
 OTHERS = ("btm", "expert_routing", "btx_soft", "btx_top1", "btx_top2", "btx", "bam", "bam_adapters")
 ABLATIONS_PREFIX = "ablations/"
+BASE_STAGES = {"bts": "stitch", HEADS: "stitch_heads"}  # the stage an ablation of each re-runs
 SWITCH_SETS = ("domain_switch",)  # held-out rows that change domain mid-way (bts.compare)
 MAX_TOKENS = 64  # per-token gate plot: wider figures make unreadable labels
 MAX_TOKEN_CHARS = 10
@@ -88,8 +89,8 @@ def _system_rank(name: str, domains: list[str]) -> tuple[int, int, str]:
     if name.startswith(EXPERT_PREFIX):
         domain = name[len(EXPERT_PREFIX) :]
         return (1, domains.index(domain) if domain in domains else len(domains), domain)
-    if name in REMOVAL_BASES:
-        return (2, REMOVAL_BASES.index(name), "")
+    if name in STITCHED:
+        return (2, STITCHED.index(name), "")
     if name in MERGES:
         return (3, MERGES.index(name), "")
     if name in OTHERS:
@@ -476,20 +477,24 @@ def _results_section(report: Mapping[str, Any]) -> str:
 
 
 def _ablation_section(report: Mapping[str, Any], images: Mapping[str, str]) -> str:
-    """One row per ablation: losses, average and its change against the run's own `bts`."""
+    """One row per ablation: losses, average and its change against the system it changes
+    (the run's own `bts`, or `bts_heads` for `bts ablate --system bts_heads`)."""
     ablations = report.get("ablations") or {}
     if not ablations:
         return ""
     domains = list(report["domains"])
-    base = report["systems"].get("bts")
-    base_avg = _number(average_loss(base, domains)) if base else None
+    bases = {e.get("system", "bts") for e in ablations.values()}
     # extra held-out sets (e.g. domain_switch) after the average, as in the results table
-    extras = [k for k in _loss_keys(report, ["bts"] if base else [])[1] if k in SWITCH_SETS]
+    shown = [b for b in STITCHED if b in bases and b in report["systems"]]
+    extras = [k for k in _loss_keys(report, shown)[1] if k in SWITCH_SETS]
     rows = []
-    if base is not None:
-        rows.append(["`bts` (run config)", "", *_ablation_cells(base, domains, extras), DASH])
+    for base in shown:
+        entry = report["systems"][base]
+        rows.append([f"`{base}` (run config)", "", *_ablation_cells(entry, domains, extras), DASH])
     for name, entry in ablations.items():
         avg = _number(average_loss(entry, domains))
+        base = report["systems"].get(entry.get("system", "bts"))
+        base_avg = _number(average_loss(base, domains)) if base else None
         delta = _fmt_delta(avg - base_avg) if avg is not None and base_avg is not None else DASH
         rows.append(
             [
@@ -506,7 +511,7 @@ def _ablation_section(report: Mapping[str, Any], images: Mapping[str, str]) -> s
         "avg loss ↓",
         *[f"{k} ↓" for k in extras],
         "train tokens",
-        "Δ avg vs bts",
+        "Δ avg vs its system",
     ]
     parts = [
         "## Ablations",
@@ -597,7 +602,7 @@ def _removal_summary(
 def _removal_section(report: Mapping[str, Any]) -> str:
     """Per removed expert: loss on every domain for bts (and bts_heads) vs the system without
     that expert vs the seed, with deltas."""
-    bases = [b for b in REMOVAL_BASES if removed_domains(report, b)]
+    bases = [b for b in STITCHED if removed_domains(report, b)]
     if not bases:
         return ""
     domains, extras = _loss_keys(report, list(report["systems"]))
@@ -913,41 +918,41 @@ def _plot_curves(curves: Mapping[str, Curve], path: Path) -> None:
     _save(fig, path)
 
 
-def _paired_ablations(report: Mapping[str, Any], curves: Mapping[str, Curve]) -> list[str]:
-    """Ablations that saw the run's own batches (the mix is unchanged), so that their loss minus
-    the run's stitch loss at the same step is a paired difference, free of batch-to-batch noise."""
+def _paired_ablations(report: Mapping[str, Any], curves: Mapping[str, Curve]) -> dict[str, str]:
+    """Ablations that saw their stage's own batches (the mix is unchanged), so that their loss
+    minus that stage's loss at the same step is a paired difference, free of batch-to-batch
+    noise: ablation name -> the stage it changes."""
     changes_data = {"domains", "mix", "experts", "batch_size"}
     entries = report.get("ablations") or {}
-    return [
-        name
+    return {
+        name: BASE_STAGES[entries[name].get("system", "bts")]
         for name in curves
         if name in entries and not changes_data & set(entries[name].get("overlay") or {})
-    ]
+    }
 
 
 def _plot_ablation_curves(
-    base: Curve, curves: Mapping[str, Curve], paired: Sequence[str], path: Path
+    bases: Mapping[str, Curve], curves: Mapping[str, Curve], paired: Mapping[str, str], path: Path
 ) -> None:
-    """Left: every ablation's training loss beside the run's stitch stage. Right: the paired
-    difference (ablation - run) at each logged step, for ablations that saw the same batches."""
+    """Left: every ablation's training loss beside the stitch stages it changes (`bases`, by
+    stage). Right: the paired difference (ablation - its stage) at each logged step, for the
+    ablations that saw the same batches (`paired`: ablation name -> its base stage)."""
     fig = _figure(11, 4.2)
     left, right = fig.subplots(1, 2)
     colors = dict(zip(curves, _colors(len(curves)), strict=True))
-    left.plot(base.steps, base.losses, color="black", label="stitch (run)", linewidth=2)
-    base_at = dict(zip(base.steps, base.losses, strict=True))
+    for (stage, base), style in zip(bases.items(), ("-", "--"), strict=False):
+        left.plot(base.steps, base.losses, "k" + style, label=f"{stage} (run)", linewidth=2)
     for name, curve in curves.items():
         left.plot(curve.steps, curve.losses, color=colors[name], label=name, linewidth=1)
         if name in paired:
-            steps = [s for s in curve.steps if s in base_at]
-            diffs = [
-                loss - base_at[s]
-                for s, loss in zip(curve.steps, curve.losses, strict=True)
-                if s in base_at
-            ]
-            right.plot(steps, diffs, color=colors[name], label=name, marker=".", linewidth=1.2)
+            base_at = dict(zip(bases[paired[name]].steps, bases[paired[name]].losses, strict=True))
+            pairs = [(s, v - base_at[s]) for s, v in zip(curve.steps, curve.losses, strict=True)
+                     if s in base_at]
+            right.plot(*zip(*pairs, strict=True), color=colors[name], label=name, marker=".",
+                       linewidth=1.2)
     right.axhline(0.0, color="black", linewidth=1)
     left.set_title("training loss")
-    right.set_title("ablation - run, same batches (paired)")
+    right.set_title("ablation - its stage, same batches (paired)")
     for ax in (left, right):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -1091,11 +1096,10 @@ def write_report(run_dir: Path, logs: Mapping[str, Path] | None = None) -> Path:
         for k, c in curves.items()
         if k.startswith(ABLATIONS_PREFIX)
     }
-    if ablation and "stitch" in curves:
-        paired = _paired_ablations(report, ablation)
-        _plot_ablation_curves(
-            curves["stitch"], ablation, paired, run_dir / IMAGE_FILES["ablation_curves"]
-        )
+    bases = {stage: curves[stage] for stage in BASE_STAGES.values() if stage in curves}
+    if ablation and bases:
+        paired = {n: s for n, s in _paired_ablations(report, ablation).items() if s in bases}
+        _plot_ablation_curves(bases, ablation, paired, run_dir / IMAGE_FILES["ablation_curves"])
         images["ablation_curves"] = IMAGE_FILES["ablation_curves"]
     if gates:
         written = plot_gate_maps(
