@@ -36,6 +36,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bts import StitchedModel
+from bts.generation import InferenceOptions, SpeculativeStats, expert_keep_from_gates
 
 DEMO = Path("runs/demo")
 NEVER = -1  # an EOS id no model produces: every run decodes exactly --new-tokens tokens
@@ -178,7 +179,7 @@ def decode_ratio(model: StitchedModel, repeats: int) -> None:
     step_times = {}
     with torch.inference_mode():
         for batched in (False, True):
-            model.batched = batched
+            model.inference.batched = batched
             cache = model.new_cache()
             model(prompt[:, :64], past_key_values=cache, use_cache=True)
             mask = torch.ones(1, 65, dtype=torch.long)
@@ -208,12 +209,20 @@ def decode_ratio(model: StitchedModel, repeats: int) -> None:
     )
 
 
+LAST = [SpeculativeStats()]  # what the latest speculative generate did (for its acceptance)
+
+
+def fresh_stats() -> SpeculativeStats:
+    LAST[0] = SpeculativeStats()
+    return LAST[0]
+
+
 def generation_modes(model: StitchedModel, k: int) -> dict:
     """Each mode: a function (ids, mask, new tokens) -> tokens."""
 
     def stitched(batched, assistant, threshold=None):
         def run(ids, mask, new):
-            model.batched = batched
+            model.inference.batched = batched
             return model.generate(
                 ids,
                 attention_mask=mask,
@@ -222,6 +231,7 @@ def generation_modes(model: StitchedModel, k: int) -> dict:
                 assistant_model=assistant,
                 num_assistant_tokens=k,
                 prune_threshold=threshold,
+                stats=fresh_stats(),
             )
 
         return run
@@ -266,7 +276,7 @@ def generate_section(model, rows, batches, new, length, k, repeats) -> None:
                         memory[name] = max(memory.get(name, 0.0), grown)
                         outputs[name] = out
                         if name.startswith("batched+spec"):
-                            stats = model.speculative_stats
+                            stats = LAST[0]
             rates = {m: batch * new / statistics.median(t) for m, t in times.items()}
             naive = outputs["naive (looped)"]
             same = all(
@@ -284,7 +294,7 @@ def generate_section(model, rows, batches, new, length, k, repeats) -> None:
 
 def k_sweep(model, rows, new, length, ks, repeats) -> None:
     print(f"\n## choosing k: batched+spec tokens/s at batch 1 ({new} new tokens), acceptance")
-    model.batched = True
+    model.inference.batched = True
     for domain, data in rows.items():
         ids, mask = prompts(data, 1, length)
         cells = []
@@ -298,6 +308,7 @@ def k_sweep(model, rows, new, length, ks, repeats) -> None:
                         eos_token_id=NEVER,
                         assistant_model="hub",
                         num_assistant_tokens=k,
+                        stats=fresh_stats(),
                     )
                 )
                 for k in ks
@@ -313,7 +324,7 @@ def k_sweep(model, rows, new, length, ks, repeats) -> None:
             for k in ks:
                 variants[k]()
                 cells.append(
-                    f"k={k}: {new / med[k]:6.1f} ({model.speculative_stats.acceptance:.2f})"
+                    f"k={k}: {new / med[k]:6.1f} ({LAST[0].acceptance:.2f})"
                 )
         print(f"  {domain:8s} plain {new / med[0]:6.1f}   " + "   ".join(cells))
 
@@ -322,7 +333,7 @@ def prune_section(model, rows, length, thresholds, new, k) -> None:
     """Loss of each held-out row's continuation after a `length`-token prompt, experts pruned
     by the prompt's gate mass; and generation speed at each threshold."""
     print(f"\n## expert pruning: continuation loss after a {length}-token prompt (held-out rows)")
-    model.batched = True
+    model.inference.batched = True
     names = model.expert_names
     print("  domain   threshold  loss   (unpruned)  experts kept per row (mean)  tokens/s b1")
     for domain, data in rows.items():
@@ -354,7 +365,7 @@ def continuation_loss(model, ids, length, threshold):
     out = model(ids[:, :length], past_key_values=cache, use_cache=True, return_gates=True)
     keep = None
     if threshold is not None:
-        keep = model.expert_keep_from_gates(out.gates, None, threshold)
+        keep = expert_keep_from_gates(model, out.gates, None, threshold)
     rest = model(ids[:, length:], past_key_values=cache, use_cache=True, expert_keep=keep)
     logits = torch.cat([out.logits[:, -1:], rest.logits[:, :-1]], dim=1)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, length:].flatten())
@@ -447,8 +458,7 @@ def _with_heads(model: StitchedModel) -> StitchedModel:
 
     hub = copy.deepcopy(model.hub)
     experts = {n: copy.deepcopy(m) for n, m in model.experts.items()}
-    options = replace(model.options, output="mixture")
-    heads = StitchedModel(hub, experts, model.placement, options=options)
+    heads = StitchedModel(hub, experts, replace(model.spec, output="mixture"))
     heads.stitches.load_state_dict(model.stitches.state_dict())
     with torch.no_grad():
         for scale in heads.output.scale.values():
@@ -484,7 +494,7 @@ def smollm_generation(model, tokenizer, batch: int, new: int, repeats: int, k: i
                 outputs[name] = fn(ids, mask, new)
                 times[name].append(time.perf_counter() - start)
                 if name.startswith("batched+spec"):
-                    acceptance = model.speculative_stats.acceptance
+                    acceptance = LAST[0].acceptance
     rates = {m: batch * new / statistics.median(t) for m, t in times.items()}
     hub_rate = rates["hub alone (HF)"]
     print(
@@ -506,7 +516,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=64, help="longest prompt (tokens)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--k", type=int, default=StitchedModel.num_assistant_tokens)
+    parser.add_argument("--k", type=int, default=InferenceOptions().num_assistant_tokens)
     parser.add_argument("--ks", default="2,3,4,6,8", help="k values to sweep")
     parser.add_argument("--thresholds", default="0.02,0.05,0.1")
     parser.add_argument("--smollm-new-tokens", type=int, default=48)

@@ -20,7 +20,7 @@ from bts.compare import held_out_sets, load_baseline
 from bts.evaluate import _token_losses
 from bts.models import load_causal_lm
 from bts.stages import HEADS_DIR, Run
-from bts.stitch_io import load_stitched
+from bts.stitch import StitchedModel
 
 EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BATCH = 8
@@ -36,7 +36,7 @@ def main(run_dir: Path, limit: int) -> None:
     held = held_out_sets(run, validation=True)
     domains = [d for d in run.config.expert_domains if d in held]
     systems = {
-        "bts_heads": load_stitched(run.path(HEADS_DIR)).eval(),
+        "bts_heads": StitchedModel.from_pretrained(run.path(HEADS_DIR)).eval(),
         "btm": load_btm(run.path("seed"), {d: run.path("experts", d) for d in domains}).eval(),
         "expert_routing": load_baseline("expert_routing", run.path("baselines", "expert_routing")).eval(),
     }
@@ -46,7 +46,7 @@ def main(run_dir: Path, limit: int) -> None:
         losses["expert"] = token_losses(load_causal_lm(run.path("experts", domain)).eval(), rows)
         print(f"{domain} ({len(rows)} rows of {rows.shape[1]}): "
               + " ".join(f"{k} {float(v.mean()):.4f}" for k, v in losses.items()))
-        for lo, hi in zip(EDGES, EDGES[1:]):
+        for lo, hi in zip(EDGES, EDGES[1:], strict=False):
             if lo >= rows.shape[1] - 1:
                 break
             cells = " ".join(f"{k} {float(v[:, lo:hi].mean()):.4f}" for k, v in losses.items())

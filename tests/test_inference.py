@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_stitch import batch, randomise_stitches, stitched
 
-import bts.stitch as stitch_module
+import bts.batched as batched_module
 from bts import BtsError, StitchedModel
 from bts.batched import StackedCache
+from bts.generation import InferenceOptions, SpeculativeStats, expert_keep_from_gates
 
 
 def sharp(make_model):
@@ -30,9 +31,9 @@ def trained(make_model, arch, n_experts=3, **options):
 
 def looped_and_batched(model, fn):
     """fn(model) with the loop, then with the batched path (checked to be the one that ran)."""
-    model.batched = False
+    model.inference.batched = False
     reference = fn(model)
-    model.batched = True
+    model.inference.batched = True
     assert model.batched_reason is None
     return reference, fn(model)
 
@@ -54,7 +55,7 @@ def test_batched_forward_equals_loop(make_model, arch, num_stitches):
 
 
 def test_batched_forward_in_row_chunks_equals_loop(make_model, monkeypatch):
-    monkeypatch.setattr(stitch_module, "_CHUNK_TOKENS", 40)  # 4 models x 12 tokens: 1 row each
+    monkeypatch.setattr(batched_module, "_CHUNK_TOKENS", 40)  # 4 models x 12 tokens: 1 row each
     model = trained(make_model, "qwen2-untied")
     ids, mask = batch()
     with torch.no_grad():
@@ -109,7 +110,7 @@ def test_batched_gradients_equal_loop_and_reach_only_stitches(make_model, arch):
         close(ours[name], ref[name])
     calls = []
     model.set_inference(batched_training=False)  # the default: training runs the loop
-    model._run_batched = lambda *a: calls.append(a)
+    model.executor.run = lambda *a: calls.append(a)
     grads(model)
     assert not calls
 
@@ -169,9 +170,9 @@ def test_mismatched_constituents_fall_back_to_the_loop(make_model, expert, overr
     assert isinstance(model.new_cache(), dict)
     ids, mask = batch()
     with torch.no_grad():
-        model.batched = False
+        model.inference.batched = False
         ref = model(ids, attention_mask=mask).logits
-        model.batched = True
+        model.inference.batched = True
         assert torch.equal(model(ids, attention_mask=mask).logits, ref)
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=6, assistant_model=None)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6), plain)
@@ -180,7 +181,7 @@ def test_mismatched_constituents_fall_back_to_the_loop(make_model, expert, overr
 def test_a_stacked_cache_is_refused_by_the_loop(make_model):
     model = trained(make_model, "llama-tied")
     cache = model.new_cache()
-    model.batched = False
+    model.inference.batched = False
     with pytest.raises(BtsError, match="StackedCache belongs to the batched path"):
         model(batch()[0], past_key_values=cache, use_cache=True)
 
@@ -198,18 +199,19 @@ def prompts():
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_speculative_greedy_equals_plain_greedy(make_model, arch, batched, k):
     model = trained(make_model, arch)
-    model.batched = batched
+    model.inference.batched = batched
     for ids, mask in prompts():
         plain = model.generate(ids, attention_mask=mask, max_new_tokens=17, assistant_model=None)
+        stats = SpeculativeStats()
         fast = model.generate(
             ids,
             attention_mask=mask,
             max_new_tokens=17,
             assistant_model="hub",
             num_assistant_tokens=k,
+            stats=stats,
         )
         assert torch.equal(fast, plain)
-        stats = model.speculative_stats
         assert stats.verify_steps >= 1 and 0 <= stats.accepted <= stats.drafted
 
 
@@ -238,16 +240,16 @@ def test_speculative_with_another_drafter_and_eos(make_model):
 def test_speculative_is_the_default_and_sampling_is_left_alone(make_model):
     model = trained(make_model, "llama-tied")
     ids, mask = batch(length=9)
-    model.speculative_stats = None
-    default = model.generate(ids[:1], max_new_tokens=8)  # batch 1: the hub drafts
-    assert StitchedModel.default_assistant == "hub" and model.speculative_stats is not None
+    stats = SpeculativeStats()
+    default = model.generate(ids[:1], max_new_tokens=8, stats=stats)  # batch 1: the hub drafts
+    assert InferenceOptions().assistant == "hub" and stats.verify_steps > 0
     assert torch.equal(default, model.generate(ids[:1], max_new_tokens=8, assistant_model=None))
-    model.speculative_stats = None
-    model.generate(ids, attention_mask=mask, max_new_tokens=8)  # a batch: plain by default
-    assert model.speculative_stats is None
+    stats = SpeculativeStats()
+    model.generate(ids, attention_mask=mask, max_new_tokens=8, stats=stats)  # a batch: plain
+    assert stats.verify_steps == 0
     model.set_inference(assistant_max_batch=8)
-    default = model.generate(ids, attention_mask=mask, max_new_tokens=8)
-    assert model.speculative_stats is not None
+    default = model.generate(ids, attention_mask=mask, max_new_tokens=8, stats=stats)
+    assert stats.verify_steps > 0
     assert torch.equal(
         default, model.generate(ids, attention_mask=mask, max_new_tokens=8, assistant_model=None)
     )
@@ -289,7 +291,7 @@ def test_pruning_off_or_keeping_everything_changes_nothing(make_model):
 @pytest.mark.parametrize("batched", [True, False])
 def test_pruned_expert_is_exactly_a_removed_expert(make_model, batched):
     model = trained(make_model, "qwen2-untied")
-    model.batched = batched
+    model.inference.batched = batched
     ids, mask = batch()
     without = copy.deepcopy(model)
     without.remove_expert("e1")
@@ -311,7 +313,7 @@ def test_pruning_in_generation_follows_the_prompt_gates(make_model):
     ids, mask = batch(length=9)
     with torch.no_grad():
         gates = model(ids, attention_mask=mask, return_gates=True).gates
-    keep = model.expert_keep_from_gates(gates, mask, threshold=1.1)  # nothing reaches 1.1
+    keep = expert_keep_from_gates(model, gates, mask, threshold=1.1)  # nothing reaches 1.1
     assert keep.shape == (3, 3) and not keep.any()
     pruned = model.generate(
         ids, attention_mask=mask, max_new_tokens=6, prune_threshold=1.1, assistant_model=None
@@ -339,9 +341,10 @@ def test_pruning_in_generation_follows_the_prompt_gates(make_model):
 def test_set_inference_switches_and_validates(make_model):
     model = trained(make_model, "llama-tied")
     model.set_inference(batched=False, assistant=None, num_assistant_tokens=2, prune_threshold=0.1)
-    assert (model.batched, model.default_assistant, model.num_assistant_tokens) == (False, None, 2)
-    assert model.prune_threshold == 0.1 and model.batched_reason == "batched is off"
-    assert StitchedModel.default_assistant == "hub"  # the class default is untouched
+    options = model.inference
+    assert (options.batched, options.assistant, options.num_assistant_tokens) == (False, None, 2)
+    assert model.inference.prune_threshold == 0.1 and model.batched_reason == "batched is off"
+    assert InferenceOptions().assistant == "hub"  # the class default is untouched
     with pytest.raises(BtsError, match="at least 1"):
         model.set_inference(num_assistant_tokens=0)
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from bts import BtsError, StitchedModel
 from bts.models import constituent_entry, load_causal_lm, load_constituent
-from bts.stitch_io import DIGEST, FORMAT, MANIFEST, WEIGHTS, load_stitched, read_manifest
+from bts.stitch_io import DIGEST, FORMAT, MANIFEST, WEIGHTS, read_manifest
 
 
 def _randomise(model: StitchedModel) -> None:
@@ -141,9 +141,9 @@ def test_each_bad_field_is_one_line_naming_it(run, change, match):
 
 def test_not_a_manifest_at_all(run):
     (run / "stitched" / MANIFEST).write_text("[1, 2]")
-    _refused(lambda: load_stitched(run / "stitched"), "is not a bts stitched-model manifest")
+    _refused(lambda: StitchedModel.from_pretrained(run / "stitched"), "is not a bts stitched-model manifest")
     (run / "stitched" / MANIFEST).write_text('{"format": "bts-stitched-model", ')
-    _refused(lambda: load_stitched(run / "stitched"), "is not valid JSON")
+    _refused(lambda: StitchedModel.from_pretrained(run / "stitched"), "is not valid JSON")
 
 
 def _swap_names(info):
@@ -196,10 +196,10 @@ def test_output_affecting_edits_are_refused(run, change, monkeypatch):
 
 
 def test_unedited_model_loads_with_identical_logits(saved, run):
-    model = load_stitched(run / "stitched")
+    model = StitchedModel.from_pretrained(run / "stitched")
     with torch.no_grad():
         assert torch.equal(model.eval()(_ids()).logits, saved[1])
-    assert model.gate_gain == 2.0 and model.expert_names == ["a", "b"]
+    assert model.spec.gate_gain == 2.0 and model.expert_names == ["a", "b"]
     assert DIGEST in _metadata(run)
 
 
@@ -208,7 +208,7 @@ def test_paths_are_not_in_the_digest(saved, run):
     (run / "a").rename(run / "moved-a")
     _edit(run, _set("experts", "a", "path", "../moved-a"))
     with torch.no_grad():
-        assert torch.equal(load_stitched(run / "stitched").eval()(_ids()).logits, saved[1])
+        assert torch.equal(StitchedModel.from_pretrained(run / "stitched").eval()(_ids()).logits, saved[1])
 
 
 def _metadata(run) -> dict:
@@ -223,16 +223,16 @@ def test_a_directory_saved_before_the_digest_still_loads(saved, run):
     save_file(weights, run / "stitched" / WEIGHTS, metadata={"format": FORMAT})
     assert DIGEST not in _metadata(run)
     with torch.no_grad():
-        assert torch.equal(load_stitched(run / "stitched").eval()(_ids()).logits, saved[1])
+        assert torch.equal(StitchedModel.from_pretrained(run / "stitched").eval()(_ids()).logits, saved[1])
     _edit(run, _set("gate_gain", -1.0))  # its fields are still checked
-    _refused(lambda: load_stitched(run / "stitched"), "field 'gate_gain' is -1.0")
+    _refused(lambda: StitchedModel.from_pretrained(run / "stitched"), "field 'gate_gain' is -1.0")
 
 
 def test_truncated_stitch_weights_are_one_line(run):
     path = run / "stitched" / WEIGHTS
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     _refused(
-        lambda: load_stitched(run / "stitched"), "the stitch weights are corrupt; stitch again"
+        lambda: StitchedModel.from_pretrained(run / "stitched"), "the stitch weights are corrupt; stitch again"
     )
 
 
@@ -250,7 +250,7 @@ def test_pickled_weights_are_refused_and_never_unpickled(run, monkeypatch):
         r"files; convert it with `save_pretrained\(..., safe_serialization=True\)`"
     )
     assert str(run / "a") in _refused(lambda: load_causal_lm(run / "a"), message)
-    _refused(lambda: load_stitched(run / "stitched"), message)  # the expert's directory
+    _refused(lambda: StitchedModel.from_pretrained(run / "stitched"), message)  # the expert's directory
     (run / "a" / "pytorch_model.bin").unlink()
     _refused(lambda: load_causal_lm(run / "a"), r"no safetensors weights \(no weight files")
 
@@ -261,7 +261,7 @@ def test_truncated_model_weights_are_one_line(run):
     _refused(
         lambda: load_causal_lm(run / "hub"), r"cannot load model from .*hub \(.*\): re-save it"
     )
-    _refused(lambda: load_stitched(run / "stitched"), r"cannot load model from .*hub")
+    _refused(lambda: StitchedModel.from_pretrained(run / "stitched"), r"cannot load model from .*hub")
 
 
 def test_constituent_dtypes_are_checked_on_save_and_load(run):

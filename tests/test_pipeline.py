@@ -310,7 +310,7 @@ def test_inference_options_of_the_config_reach_stitched_models(smoke_run):
     run.config = run.config.model_copy(update={"inference": off})
     model = configure(StitchedModel.from_pretrained(smoke_run / "stitched"), run)
     assert model.batched_reason == "batched is off"
-    assert model.default_assistant is None and model.prune_threshold == 0.2
+    assert model.inference.assistant is None and model.inference.prune_threshold == 0.2
 
 
 def test_sweep_scores_validation_rows_per_seed_and_seed_0_is_the_runs_stitch(smoke_run, tmp_path):

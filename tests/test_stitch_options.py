@@ -3,6 +3,8 @@ save/load and export."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,10 +12,10 @@ from bts.config import parse_config
 from bts.stitch import (
     EXPERTS_INTO_HUB,
     HUB_INTO_EXPERTS,
-    PAPER_OPTIONS,
+    PAPER_SPEC,
     StitchedModel,
     StitchLayer,
-    StitchOptions,
+    StitchSpec,
     random_initialisation,
 )
 
@@ -22,8 +24,8 @@ WIDTH = 8
 
 def paper_layer(kind: str, names: list[str]) -> StitchLayer:
     torch.manual_seed(0)
-    options = StitchOptions(**{**PAPER_OPTIONS.__dict__, "gate_dropout": 0.0})
-    layer = StitchLayer(kind, WIDTH, names, options=options)
+    options = StitchSpec(**{**PAPER_SPEC.__dict__, "gate_dropout": 0.0})
+    layer = StitchLayer(kind, WIDTH, names, spec=options)
     with torch.no_grad():  # the paper's layer: nn.Linear init and a = 1
         for linear in [*layer.proj.values(), *layer.gate.values()]:
             linear.reset_parameters()
@@ -65,7 +67,7 @@ def test_paper_hub_into_experts_is_eq4():
 
 
 def test_our_layer_keeps_expert_streams_and_reads_the_normalised_hub():
-    layer = StitchLayer(EXPERTS_INTO_HUB, WIDTH, ["a"], options=StitchOptions(gate_dropout=0.0))
+    layer = StitchLayer(EXPERTS_INTO_HUB, WIDTH, ["a"], spec=StitchSpec(gate_dropout=0.0))
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(torch.randn_like(p))
@@ -78,17 +80,18 @@ def test_our_layer_keeps_expert_streams_and_reads_the_normalised_hub():
 
 def test_the_paper_variant_in_the_config_resolves_to_the_paper_layer():
     stitch = parse_config({"stitch": {"variant": "paper"}}).stitch
-    assert stitch.init == "random" and stitch.options() == PAPER_OPTIONS
+    assert stitch.init == "random" and stitch.spec(8) == PAPER_SPEC.resolve(8)
     mixed = parse_config({"stitch": {"variant": "paper", "gate_input": "rms"}}).stitch
-    assert mixed.options().gate_input == "rms" and mixed.options().expert_stream == "project"
-    assert parse_config({"stitch": {}}).stitch.options() == StitchOptions()
+    assert mixed.spec(8).gate_input == "rms" and mixed.spec(8).expert_stream == "project"
+    ours = parse_config({"stitch": {}}).stitch.spec(8)
+    assert ours == StitchSpec(init="uniform_into_hub").resolve(8)
 
 
 OPTION_SETS = [
-    StitchOptions(gate_dropout=0.0, gate_input="raw"),
-    StitchOptions(gate_dropout=0.0, gate_bias=False),
-    StitchOptions(gate_dropout=0.0, expert_stream="project"),
-    StitchOptions(**{**PAPER_OPTIONS.__dict__, "gate_dropout": 0.0, "gate_gain": 2.0}),
+    StitchSpec(gate_dropout=0.0, gate_input="raw"),
+    StitchSpec(gate_dropout=0.0, gate_bias=False),
+    StitchSpec(gate_dropout=0.0, expert_stream="project"),
+    StitchSpec(**{**PAPER_SPEC.__dict__, "gate_dropout": 0.0, "gate_gain": 2.0}),
 ]
 
 
@@ -111,7 +114,7 @@ def test_every_option_round_trips_through_save_load_and_export(make_model, tmp_p
     load = type(hub).from_pretrained
     experts = {"a": load(tmp_path / "a"), "b": load(tmp_path / "b")}
     model = StitchedModel.from_models(
-        load(tmp_path / "hub"), experts, num_stitches=4, options=options
+        load(tmp_path / "hub"), experts, num_stitches=4, spec=options
     )
     random_initialisation(model, seed=3)  # away from identity, so every option matters
     model.eval()
@@ -120,11 +123,11 @@ def test_every_option_round_trips_through_save_load_and_export(make_model, tmp_p
         expected = model(ids).logits
     model.save_pretrained(tmp_path / "stitched")
     loaded = StitchedModel.from_pretrained(tmp_path / "stitched")
-    assert loaded.options == options
+    assert loaded.spec == model.spec == replace(options, placement=model.spec.placement)
     loaded.eval()
     export(tmp_path / "stitched", tmp_path / "hf")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert exported.stitched.options == options
+    assert exported.stitched.spec == model.spec
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
         assert torch.equal(exported(ids).logits, expected)
@@ -145,7 +148,7 @@ def test_edited_or_unknown_options_in_a_manifest_are_refused(make_model, tmp_pat
         load(tmp_path / "hub"),
         {"a": load(tmp_path / "a")},
         num_stitches=2,
-        options=StitchOptions(expert_stream="project"),
+        spec=StitchSpec(expert_stream="project"),
     )
     model.save_pretrained(tmp_path / "s")
     path = tmp_path / "s" / "bts_stitch.json"
@@ -166,7 +169,7 @@ def test_uniform_start_is_an_even_blend_and_a_later_expert_enters_silently(make_
 
     hub, a, b, c = (make_model("llama-tied", seed=s) for s in range(4))
     model = StitchedModel.from_models(
-        hub, {"a": a, "b": b}, num_stitches=4, options=StitchOptions(gate_dropout=0.0)
+        hub, {"a": a, "b": b}, num_stitches=4, spec=StitchSpec(gate_dropout=0.0)
     )
     uniform_initialisation(model)
     model.eval()

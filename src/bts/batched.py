@@ -23,7 +23,7 @@ This module does no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.masking_utils import sdpa_mask
 
-from bts.models import layer_types
+from bts.errors import BtsError
+from bts.models import HUB, decoder, layer_types, position_ids
 
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -45,6 +46,7 @@ _SHAPE_KEYS = (
 )
 _FUSE_ROWS = 64  # rows (batch x new tokens) up to which fused projections are faster
 _CHUNK_ROWS = 4096  # rows (models x batch x tokens) per MLP chunk
+_CHUNK_TOKENS = 1536  # models x rows x tokens per chunk of a cache-less batched forward
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -402,3 +404,123 @@ def run_block(
     flat = _project(attn.reshape(models, batch * new, heads * dim), layer.o, layer.o_bias, flat)
     flat = _mlp(stacks, layer, rms_norm(flat, layer.norm2, stacks.eps), flat)
     return flat.reshape(models, batch, new, width)
+
+
+# --- the stitched model's batched path ----------------------------------------------------------
+
+
+class BatchedExecutor:
+    """The batched path of one stitched model: its stacked weights, built on first use and
+    rebuilt when a constituent's tensors change, and the forward over them. The stitch maths is
+    the model's own (`model.apply_stitch`); this only runs the constituents' blocks together."""
+
+    def __init__(self):
+        self.stacked: StackedWeights | None = None
+        self.unstackable: tuple | None = None  # (signature, reason) of the last refusal
+
+    def stacks(self, model) -> StackedWeights | None:
+        """The stacked weights; None when batching is off or the constituents cannot stack."""
+        if not model.inference.batched:
+            return None
+        if self.stacked is not None and self.stacked.is_current():
+            return self.stacked
+        models = [model.hub, *model.experts.values()]
+        signature = tuple((id(m), next(m.parameters()).data_ptr()) for m in models)
+        if self.unstackable is not None and self.unstackable[0] == signature:
+            return None
+        reason = unstackable_reason(models, model.expert_depth)
+        if reason is not None:
+            self.unstackable, self.stacked = (signature, reason), None
+            return None
+        # the constituents' weights become views into the stacks: built as normal tensors even
+        # under inference_mode (generate), or training the model afterwards would fail
+        with torch.inference_mode(False):
+            self.stacked = StackedWeights(models, model.expert_depth)
+        return self.stacked
+
+    def reason(self, model) -> str | None:
+        """Why the model runs the per-model loop instead (None: it is batched)."""
+        if not model.inference.batched:
+            return "batched is off"
+        return None if self.stacks(model) is not None else self.unstackable[1]
+
+    def drop(self, leaving: nn.Module | None = None) -> None:
+        """Forget the stacks (the constituents changed); a constituent `leaving` keeps its own
+        copy of the weights, since it outlives them."""
+        if leaving is not None and self.stacked is not None:
+            self.stacked.unbind(leaving)
+        self.stacked, self.unstackable = None, None
+
+    def run(self, model, stacks, input_ids, attention_mask, cache, return_gates, names, keep):
+        """(hub's final state, experts' final states, gate records), like the model's loop.
+        Cache-less forwards go over groups of rows: rows are independent, and [M, rows, T, d]
+        temporaries of a few MB get reused by the allocator, while one large batch maps fresh
+        pages on every op (page faults made 8 x 256 slower than the loop; chunks fixed that)."""
+        batch, length = input_ids.shape
+        step = max(1, _CHUNK_TOKENS // ((len(names) + 1) * length))
+        if cache is not None or step >= batch:
+            return _run(model, stacks, input_ids, attention_mask, cache, return_gates, names, keep)
+        parts = [
+            _run(
+                model, stacks, input_ids[rows],
+                None if attention_mask is None else attention_mask[rows],
+                None, return_gates, names, None if keep is None else keep[rows],
+            )
+            for rows in (slice(i, i + step) for i in range(0, batch, step))
+        ]
+        hidden = torch.cat([p[0] for p in parts])
+        experts = {n: torch.cat([p[1][n] for p in parts]) for n in parts[0][1]}
+        records = [
+            replace(r, weights=torch.cat([p[2][i].weights for p in parts]))
+            for i, r in enumerate(parts[0][2])
+        ]
+        return hidden, experts, records
+
+
+def _run(model, stacks, input_ids, attention_mask, cache, return_gates, names, keep):
+    """All constituents' blocks at one depth as one batched computation."""
+    active = tuple([0] + [1 + model.expert_names.index(n) for n in names])
+    layers = stacks.layers_for(None if len(active) == len(model.experts) + 1 else active)
+    if cache is not None:
+        _align_cache(cache, active)
+    past = cache.get_seq_length() if cache is not None else 0
+    positions = position_ids(input_ids, attention_mask, past)
+    decoders = [decoder(model.hub, HUB), *(decoder(model.experts[n], n) for n in names)]
+    x = torch.stack([d.embed(input_ids) for d in decoders])
+    rotary = decoders[0].rotary(x[0], positions)
+    batch, new = input_ids.shape
+    mask = attention_mask_4d(attention_mask, batch, new, past, input_ids.device)
+    records, finals = [], {}
+    for index, layer in enumerate(layers):
+        x = run_block(stacks, layer, index, x, rotary, mask, cache)
+        if str(index) not in model.stitches:
+            continue
+        streams = {HUB: x[0], **{n: x[i] for i, n in enumerate(names, start=1)}}
+        hub, experts = model.apply_stitch(index, streams, names, keep, return_gates, records)
+        if index + 1 >= model.expert_depth:  # only the hub runs deeper
+            x, finals = hub[None], model.final_streams(experts, names)
+        elif torch.is_grad_enabled():  # autograd needs the old streams: a new tensor
+            x = torch.stack([hub, *(experts[n] for n in names)])
+        else:  # write back in place: no fresh [M, B, T, d] allocation per stitch
+            for i, stream in enumerate([hub, *(experts[n] for n in names)]):
+                if stream is not streams[HUB if i == 0 else names[i - 1]]:
+                    x[i].copy_(stream)
+    if x.shape[0] > 1:  # the experts ran to the last block
+        finals = model.final_streams({n: x[i] for i, n in enumerate(names, start=1)}, names)
+    return x[0], finals, records
+
+
+def _align_cache(cache: StackedCache, active: tuple[int, ...]) -> None:
+    """A cache filled with more experts than now run (pruning after the prompt) drops them."""
+    if cache.models is None or cache.get_seq_length() == 0:
+        cache.models = active
+        return
+    if cache.models == active:
+        return
+    if not set(active) <= set(cache.models):
+        raise BtsError(
+            "the cache holds fewer experts than this forward runs: an expert pruned earlier in "
+            "a sequence cannot come back; start again with model.new_cache()"
+        )
+    cache.keep_models([cache.models.index(m) for m in active])
+    cache.models = active

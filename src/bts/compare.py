@@ -446,8 +446,7 @@ def file_sha256(path: Path) -> str:
 def configure(model: torch.nn.Module, run: Run) -> torch.nn.Module:
     """Apply the run's inference options to a stitched model (other systems are untouched)."""
     if isinstance(model, StitchedModel):
-        options = run.config.inference.model_dump()
-        model.set_inference(**options)
+        model.set_inference(**run.config.inference.model_dump())
     return model
 
 

@@ -22,6 +22,7 @@ from bts.baselines.routing import RoutingSpec
 from bts.data.domains import BUILTIN_DOMAINS, DEFAULT_DOMAINS
 from bts.errors import BtsError
 from bts.fields import Count, PositiveCount, PositiveFloat
+from bts.spec import EXPERTS_INTO_HUB, PAPER_SPEC, StitchPoint, StitchSpec, default_placement
 from bts.train import TrainConfig
 
 # A domain or expert name becomes a directory name (RUN/experts/<name>) and a ModuleDict key, so
@@ -197,23 +198,33 @@ class StitchConfig(Strict):
             self.init = "random"  # the paper's layer starts from nn.Linear's init, a = 1
         return self
 
-    def options(self):
-        """The stitch layers' StitchOptions: the variant's preset, then explicit overrides."""
-        from bts.stitch import PAPER_OPTIONS, StitchOptions
-
-        preset = PAPER_OPTIONS if self.variant == "paper" else StitchOptions()
+    def spec(self, num_layers: int, seed: int = 0) -> StitchSpec:
+        """The StitchSpec for a hub of `num_layers`: the variant's preset, then explicit
+        overrides; `seed` seeds a random init."""
+        preset = PAPER_SPEC if self.variant == "paper" else StitchSpec()
         chosen = {
             key: getattr(self, key) if getattr(self, key) is not None else getattr(preset, key)
             for key in ("gate_input", "gate_bias", "expert_stream")
         }
-        return StitchOptions(
+        count = num_layers if self.num_stitches == "all" else self.num_stitches
+        placement = tuple(StitchPoint(a, k) for a, k in self.placement or ())
+        if not placement and self.kinds == EXPERTS_INTO_HUB:
+            placement = tuple(
+                StitchPoint(p.after_layer, EXPERTS_INTO_HUB)
+                for p in default_placement(num_layers, count)
+            )
+        spec = StitchSpec(
+            placement=placement,
             gate_dropout=self.gate_dropout,
             gate_gain=self.gate_gain,
             output=self.output,
             output_mix=self.output_mix,
             output_evidence=self.output_evidence,
+            init=self.init,
+            init_seed=seed,
             **chosen,
         )
+        return spec.resolve(num_layers, count)
 
 
 class HeadsConfig(Strict):

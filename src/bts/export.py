@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 from bts.errors import BtsError
 from bts.fileio import atomic_dir, check_replaceable, check_target
 from bts.hf import BtsStitchedForCausalLM
-from bts.stitch_io import load_stitched, read_manifest, stitched_inputs
+from bts.stitch import StitchedModel
+from bts.stitch_io import read_manifest, stitched_inputs
 
 PROVENANCE = "bts_export.json"
 MAX_SHARD_SIZE = "2GB"
@@ -29,7 +30,8 @@ def hub_directory(stitched_dir: Path) -> Path:
     return (Path(stitched_dir) / info["hub"]["path"]).resolve()
 
 
-def _tokenizer(hub_dir: Path):
+def load_tokenizer(hub_dir: Path):
+    """The hub's tokenizer (the stitched model's), or one line saying how to save it."""
     try:
         return AutoTokenizer.from_pretrained(hub_dir, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -50,8 +52,8 @@ def export(stitched_dir: str | Path, out_dir: str | Path, force: bool = False) -
     inputs = stitched_inputs(stitched_dir)
     check_target(out_dir, inputs)
     check_replaceable(out_dir, "export", force)
-    tokenizer = _tokenizer(hub_directory(stitched_dir))  # fail before the slow part
-    model = load_stitched(stitched_dir)  # refuses missing or changed constituents
+    tokenizer = load_tokenizer(hub_directory(stitched_dir))  # fail before the slow part
+    model = StitchedModel.from_pretrained(stitched_dir)  # refuses missing or changed constituents
     wrapper = BtsStitchedForCausalLM.from_stitched(model)
     with atomic_dir(out_dir, "export", force=force, inputs=inputs) as tmp:
         wrapper.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)

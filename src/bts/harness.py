@@ -76,12 +76,12 @@ def _lm(model: Path, kind: str, batch_size: int, device: str, trust_remote_code:
         return "hf", args + (",trust_remote_code=True" if trust_remote_code else "")
     from lm_eval.models.huggingface import HFLM
 
-    from bts.export import _tokenizer, hub_directory
+    from bts.export import hub_directory, load_tokenizer
     from bts.hf import BtsStitchedForCausalLM
-    from bts.stitch_io import load_stitched
+    from bts.stitch import StitchedModel
 
-    wrapper = BtsStitchedForCausalLM.from_stitched(load_stitched(model))
-    tokenizer = _tokenizer(hub_directory(model))
+    wrapper = BtsStitchedForCausalLM.from_stitched(StitchedModel.from_pretrained(model))
+    tokenizer = load_tokenizer(hub_directory(model))
     lm = HFLM(
         pretrained=wrapper,
         tokenizer=tokenizer,

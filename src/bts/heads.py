@@ -28,17 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bts.errors import BtsError
+from bts.models import HUB, causal_lm_loss, decoder
+from bts.spec import OutputMix
 
-OutputKind = Literal["hub", "mixture"]
-OutputMix = Literal["prob", "log"]
-HUB = "hub"
 # memories of the evidence features: 1 is BTM's whole-context evidence, 0.95 a half-life of about
 # 14 tokens, which follows a change of domain (chosen on validation rows, docs/stitching.md)
 DECAYS = (1.0, 0.95)
@@ -130,6 +128,73 @@ class OutputStitch(nn.Module):
             shift = shift.amax(0).detach()
         mixed = (w * torch.exp(ratio - shift)).sum(0)
         return log_probs[0] + shift + mixed.log()
+
+
+def mixed_output(
+    stitch: OutputStitch, models, streams, names, keep, input_ids, attention_mask, cache,
+    logits_to_keep: int, labels, loss_only: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """The output stitch over a forward's final streams: each constituent's own head (`models`
+    by name, the hub first) on its stream, mixed per token. Returns (logits, weights, loss).
+    With evidence every position's head runs, since the gate scores the whole context.
+
+    `loss_only` (training with the probability mix) never builds the mixture over the
+    vocabulary: the loss needs only each head's probability of the targets, so logits is None
+    there (the [sources, batch, seq, vocab] tensors cost 3x the step time)."""
+    sources = [HUB, *names]
+    last = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+    if not stitch.evidence:
+        streams = {n: h[:, last] for n, h in streams.items()}
+    heads = [decoder(models[n], n).logits(streams[n]).float() for n in sources]
+    if loss_only and stitch.mix == "prob" and cache is None and not logits_to_keep:
+        weights, loss = _mixture_loss(
+            stitch, heads, streams[HUB], input_ids, attention_mask, labels, names, keep
+        )
+        return None, weights, loss
+    log_probs = torch.stack([h.log_softmax(-1) for h in heads])
+    del heads
+    evidence = None
+    if stitch.evidence:
+        index = input_ids[None, :, 1:, None].expand(len(sources), -1, -1, 1)
+        scored = log_probs[:, :, :-1].gather(-1, index)[..., 0]
+        evidence = _cached_evidence(scored, log_probs, input_ids, attention_mask, cache, sources)
+        log_probs, evidence = log_probs[:, :, last], evidence[..., last]
+    weights = stitch.weights(streams[HUB][:, last], evidence, names, keep)
+    logits = stitch(log_probs, weights)
+    loss = causal_lm_loss(logits, labels) if labels is not None else None
+    return logits, weights, loss
+
+
+def _mixture_loss(stitch, heads, hub, input_ids, attention_mask, labels, names, keep):
+    """(weights, loss) from each head's log-probability of the targets only."""
+    normaliser = torch.stack([h.logsumexp(-1) for h in heads])[:, :, :-1]
+
+    def scores(tokens):  # log p_m(tokens[t + 1]) at every position t but the last
+        index = tokens[:, 1:, None]
+        return torch.stack([h[:, :-1].gather(-1, index)[..., 0] for h in heads]) - normaliser
+
+    evidence = None
+    if stitch.evidence:
+        evidence = running_evidence(scores(input_ids), input_ids, attention_mask, None)
+    weights = stitch.weights(hub, evidence, names, keep)
+    targets = labels[:, 1:]
+    picked = scores(labels.clamp(min=0))[..., None]  # -100 (ignored) gathers any token
+    token = stitch(picked, weights[:, :-1])[..., 0]
+    valid = targets != -100
+    return weights, -(token * valid).sum() / valid.sum().clamp(min=1)
+
+
+def _cached_evidence(scored, log_probs, input_ids, attention_mask, cache, sources):
+    """The new positions' running evidence [decays, sources, batch, new], continued from the
+    cache's state, which then holds it and this forward's log-probs."""
+    state = output_state(cache) if cache is not None else None
+    if state is not None:
+        state = state.select(sources)
+    evidence = running_evidence(scored, input_ids, attention_mask, state)
+    if cache is not None:
+        seen = evidence if state is None else torch.cat([state.evidence, evidence], -1)
+        set_output_state(cache, OutputState(seen, log_probs.detach(), sources))
+    return evidence
 
 
 def _zero_gate(width: int) -> nn.Linear:

@@ -18,7 +18,6 @@ for one.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, fields
 
 import torch
 from transformers import (
@@ -32,7 +31,9 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bts.heads import crop_output_state
-from bts.stitch import HUB, StitchedModel, StitchOptions, StitchPoint
+from bts.models import HUB
+from bts.spec import StitchPoint, StitchSpec
+from bts.stitch import StitchedModel
 
 MODEL_TYPE = "bts_stitched"
 # what generate(), pipelines and lm-eval read from a causal LM's config; copied from the hub's
@@ -66,6 +67,8 @@ class BtsStitchedConfig(PretrainedConfig):
     output: str = "hub"
     output_mix: str = "prob"
     output_evidence: bool = True
+    init: str = "identity"
+    init_seed: int = 0
     use_cache: bool = True
     # the hub's head is tied or not inside the hub; the wrapper itself ties nothing
     tie_word_embeddings: bool = False
@@ -181,8 +184,8 @@ class BtsStitchedForCausalLM(PreTrainedModel, GenerationMixin):
         config = BtsStitchedConfig(
             hub_config=_config_dict(model.hub.config),
             expert_configs={n: _config_dict(m.config) for n, m in model.experts.items()},
-            placement=[[p.after_layer, p.kind] for p in model.placement],
-            **asdict(model.options),
+            placement=[[p.after_layer, p.kind] for p in model.spec.placement],
+            **model.spec.options(),
             dtype=next(model.parameters()).dtype,
         )
         wrapper = cls(config, stitched=model)
@@ -253,9 +256,9 @@ def _build(config: BtsStitchedConfig) -> StitchedModel:
         name: AutoModelForCausalLM.from_config(config.constituent_config(name))
         for name in config.expert_configs
     }
-    placement = [StitchPoint(int(after), kind) for after, kind in config.placement]
-    options = StitchOptions(**{f.name: getattr(config, f.name) for f in fields(StitchOptions)})
-    return StitchedModel(hub, experts, placement, options=options)
+    placement = tuple(StitchPoint(int(after), kind) for after, kind in config.placement)
+    options = {key: getattr(config, key) for key in StitchSpec().options()}
+    return StitchedModel(hub, experts, StitchSpec(placement=placement, **options))
 
 
 BtsStitchedConfig.register_for_auto_class()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -20,6 +21,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from bts.errors import BtsError
 
 _REQUIRED = ("embed_tokens", "layers", "norm", "rotary_emb")
+HUB = "hub"  # the hub's name among a stitched model's constituents (never an expert's)
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,49 @@ class Decoder:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
         return [masks[t] for t in types]
 
+    def context(self, hidden, attention_mask, cache, positions) -> tuple:
+        """What every block of one forward shares: the per-layer masks and the rotary tables."""
+        masks = self.layer_masks(hidden, attention_mask, cache, positions)
+        return masks, self.rotary(hidden, positions)
+
+    def block(self, index: int, hidden, positions, context: tuple, cache) -> torch.Tensor:
+        """Decoder block `index` on `hidden`, as the model's own forward runs it."""
+        masks, rotary = context
+        out = self.layers[index](
+            hidden,
+            attention_mask=masks[index],
+            position_embeddings=rotary,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own output head: final norm, then LM head."""
         return self.model.lm_head(self.inner.norm(hidden))
+
+
+def position_ids(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int = 0
+) -> torch.Tensor:
+    """Positions count real tokens only, so left-padded prompts get the positions they would
+    alone (padding gets 1, as transformers' generate gives it)."""
+    length = input_ids.shape[1]
+    if attention_mask is None:
+        return torch.arange(past, past + length, device=input_ids.device)[None].expand(
+            input_ids.shape[0], -1
+        )
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 1)
+    return positions[:, -length:]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, transformers' convention (labels are shifted here, -100 ignored)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+    )
 
 
 def layer_types(config) -> list[str]:

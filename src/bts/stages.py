@@ -42,15 +42,7 @@ from bts.fileio import (
     write_text,
 )
 from bts.models import freeze_output_space, load_causal_lm
-from bts.stitch import (
-    EXPERTS_INTO_HUB,
-    StitchedModel,
-    StitchPoint,
-    check_placement,
-    default_placement,
-    random_initialisation,
-    uniform_initialisation,
-)
+from bts.stitch import StitchedModel
 from bts.stitch_io import stitched_inputs
 from bts.train import RESULT, TrainConfig, TrainResult, train
 
@@ -262,12 +254,7 @@ def preflight(config: RunConfig) -> None:
     the seed's depth and positions (read from its config, no weights) against the stitch
     placement and `data.seq_len`, and every user domain's text."""
     layers, positions = seed_shape(config.seed_model, config.data.seq_len)
-    spec = config.stitch
-    count = layers if spec.num_stitches == "all" else spec.num_stitches
-    if spec.placement is not None:
-        check_placement([StitchPoint(a, k) for a, k in spec.placement], layers)
-    else:
-        default_placement(layers, count)
+    config.stitch.spec(layers)  # the placement resolves and checks for this depth
     if positions is not None and config.data.seq_len > positions:
         raise BtsError(
             f"data.seq_len {config.data.seq_len} is longer than the seed's "
@@ -523,24 +510,9 @@ def build_stitched(run: Run, config: RunConfig) -> StitchedModel:
         hub, spokes = train_expert(run, spec.hub), {"seed": make_seed(run), **spokes}
     hub_model = load_causal_lm(hub)
     layers = hub_model.config.num_hidden_layers
-    count = layers if spec.num_stitches == "all" else spec.num_stitches
-    placement = spec.placement
-    if placement is None and spec.kinds == EXPERTS_INTO_HUB:
-        placement = [(p.after_layer, EXPERTS_INTO_HUB) for p in default_placement(layers, count)]
-    model = StitchedModel.from_models(
-        hub_model,
-        load_models(spokes),
-        placement=placement,
-        num_stitches=count,
-        options=spec.options(),
+    return StitchedModel(
+        hub_model, load_models(spokes), spec.spec(layers, seed=config.seed + spec.train.seed)
     )
-    if spec.init == "random":
-        random_initialisation(model, config.seed + spec.train.seed)
-    elif spec.init == "uniform":
-        uniform_initialisation(model)
-    elif spec.init == "uniform_into_hub":  # experts-into-hub blended, hub-into-experts closed
-        uniform_initialisation(model, kinds=[EXPERTS_INTO_HUB])
-    return model
 
 
 def stitch_sampler(run: Run, domains: list[str], spec: StitchConfig) -> MixSampler:

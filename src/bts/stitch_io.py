@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from bts.errors import BtsError
 from bts.fileio import atomic_dir
 from bts.models import MANIFEST_DTYPES, constituent_entry, load_constituent
-from bts.stitch import StitchedModel, StitchKind, StitchOptions, StitchPoint
+from bts.spec import CHOICES, StitchKind, StitchPoint, StitchSpec
 
 MANIFEST = "bts_stitch.json"
 WEIGHTS = "stitch.safetensors"
@@ -34,29 +34,24 @@ VERSION = 1  # what save_stitched writes
 VERSIONS = (1,)  # what load_stitched reads
 DIGEST = "bts_manifest_sha256"  # key of the manifest digest in the safetensors metadata
 KINDS: tuple[str, ...] = get_args(StitchKind)
-# layer options added after version 1's first manifests: absent means the default (OPTIONS)
-OPTIONS = {
-    "gate_input": ("rms", "raw"),
-    "gate_bias": (True, False),
-    "expert_stream": ("keep", "project"),
-    "output": ("hub", "mixture"),
-    "output_mix": ("prob", "log"),
-    "output_evidence": (True, False),
-}
-_FIELDS = ("format", "version", "placement", "gate_dropout", "gate_gain", *OPTIONS, "hub", "experts")
+# spec fields added after version 1's first manifests: absent means the default (StitchSpec's)
+OPTIONS = CHOICES
+_FIELDS = (
+    "format", "version", "placement", "gate_dropout", "gate_gain", *OPTIONS, "init_seed", "hub",
+    "experts",
+)
 _ENTRY_FIELDS = ("path", "sha256", "dtype")
+_OUTPUT = "output."  # the output stitch's weights, beside the stitch layers' in one file
 _RESAVE = "re-save the stitched model"
 
 
-def manifest(model: StitchedModel, directory: Path) -> dict:
+def manifest(model, directory: Path) -> dict:
     """The manifest that `save_stitched` writes, with paths relative to `directory`."""
     return {
         "format": FORMAT,
         "version": VERSION,
-        "placement": [[p.after_layer, p.kind] for p in model.placement],
-        "gate_dropout": model.gate_dropout,
-        "gate_gain": model.gate_gain,
-        **{key: getattr(model.options, key) for key in OPTIONS},
+        "placement": [[p.after_layer, p.kind] for p in model.spec.placement],
+        **model.spec.options(),
         "hub": constituent_entry(model.hub, "the hub", directory),
         "experts": {
             n: constituent_entry(m, f"expert '{n}'", directory) for n, m in model.experts.items()
@@ -64,14 +59,11 @@ def manifest(model: StitchedModel, directory: Path) -> dict:
     }
 
 
-def manifest_options(info: dict) -> StitchOptions:
-    """The stitch-layer options a (validated) manifest records; defaults for older manifests."""
-    defaults = StitchOptions()
-    return StitchOptions(
-        gate_dropout=info["gate_dropout"],
-        gate_gain=info.get("gate_gain", 1.0),
-        **{key: info.get(key, getattr(defaults, key)) for key in OPTIONS},
-    )
+def manifest_spec(info: dict) -> StitchSpec:
+    """The StitchSpec a (validated) manifest records; defaults for fields older ones lack."""
+    placement = tuple(StitchPoint(a, kind) for a, kind in info["placement"])
+    known = {k: info[k] for k in (*OPTIONS, "gate_gain", "init_seed") if k in info}
+    return StitchSpec(placement=placement, gate_dropout=info["gate_dropout"], **known)
 
 
 def manifest_digest(info: dict) -> str:
@@ -88,20 +80,21 @@ def manifest_digest(info: dict) -> str:
             for name, entry in [("hub", info["hub"]), *info["experts"].items()]
         ],
     }
-    # only the options a manifest records: a manifest saved before they existed keeps its digest
-    content |= {key: info[key] for key in OPTIONS if key in info}
+    # only the options a manifest records: a manifest saved before they existed keeps its digest;
+    # how fresh weights started (init) does not change what saved weights compute
+    content |= {key: info[key] for key in OPTIONS if key in info and key != "init"}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def save_stitched(model: StitchedModel, directory: Path, force: bool = False) -> None:
+def save_stitched(model, directory: Path, force: bool = False) -> None:
     """Write stitch weights and manifest atomically: a crash leaves no half-written directory.
     An existing `directory` is replaced only if it is a stitched model (or with `force`)."""
     roles = {"the hub": model.hub, **{f"expert '{n}'": m for n, m in model.experts.items()}}
     inputs = {role: Path(m.name_or_path) for role, m in roles.items() if m.name_or_path}
     with atomic_dir(directory, "stitched", force=force, inputs=inputs) as tmp:
         info = manifest(model, tmp)
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.stitch_state_dict().items()}
+        weights = {k: v.detach().cpu().contiguous() for k, v in stitch_state_dict(model).items()}
         metadata = {"format": FORMAT, DIGEST: manifest_digest(info)}
         save_file(weights, str(tmp / WEIGHTS), metadata=metadata)
         (tmp / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
@@ -181,6 +174,9 @@ def _validate(path: Path, info: dict) -> None:
     gain = info.get("gate_gain", 1.0)  # absent from manifests written before gate_gain existed
     if not _is_number(gain) or gain <= 0:
         raise _bad(path, "gate_gain", f"is {gain!r}, not a finite positive number")
+    seed = info.get("init_seed", 0)
+    if not _is_int(seed):
+        raise _bad(path, "init_seed", f"is {seed!r}, not an integer")
     for key, allowed in OPTIONS.items():
         if key in info and (info[key] not in allowed or type(info[key]) is not type(allowed[0])):
             raise _bad(
@@ -244,9 +240,10 @@ def _load_verified(directory: Path, entry: dict, role: str):
     return load_constituent(directory, entry, role, "it was stitched", "stitch again")
 
 
-def load_stitched(directory: Path) -> StitchedModel:
+def load_stitched(directory: Path, cls):
     """Check the manifest against the stitch weights' digest, load constituents from the
-    manifest (verifying their hashes), then the stitch weights."""
+    manifest (verifying their hashes), then the stitch weights. `cls` is the model class
+    (`StitchedModel.from_pretrained` passes itself: this module does not import the model)."""
     directory = Path(directory)
     info = read_manifest(directory)
     _check_digest(directory, info)  # before the slow part: loading the constituents
@@ -255,16 +252,38 @@ def load_stitched(directory: Path) -> StitchedModel:
         name: _load_verified(directory, entry, f"expert '{name}'")
         for name, entry in info["experts"].items()
     }
-    placement = [StitchPoint(a, kind) for a, kind in info["placement"]]
-    model = StitchedModel(hub, experts, placement, options=manifest_options(info))
+    model = cls(hub, experts, manifest_spec(info))
     try:
         weights = load_file(str(directory / WEIGHTS))
     except (SafetensorError, OSError) as err:
         raise _corrupt(directory / WEIGHTS, err) from err
-    missing, unexpected = model.load_stitch_state_dict(weights)
+    missing, unexpected = load_stitch_state_dict(model, weights)
     if missing or unexpected:
         raise BtsError(
             f"{directory / WEIGHTS} does not match its manifest (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}): {_RESAVE}"
         )
     return model
+
+
+def stitch_state_dict(model) -> dict:
+    """What `save_stitched` writes: the stitch layers' weights, the output stitch's under
+    'output.'."""
+    weights = dict(model.stitches.state_dict())
+    if model.output is not None:
+        weights |= {f"{_OUTPUT}{k}": v for k, v in model.output.state_dict().items()}
+    return weights
+
+
+def load_stitch_state_dict(model, weights: dict) -> tuple[list, list]:
+    """Load `stitch_state_dict`'s weights into `model`; return (missing, unexpected) keys."""
+    own = {k[len(_OUTPUT) :]: v for k, v in weights.items() if k.startswith(_OUTPUT)}
+    rest = {k: v for k, v in weights.items() if not k.startswith(_OUTPUT)}
+    missing, unexpected = model.stitches.load_state_dict(rest, strict=False)
+    if model.output is None:
+        return list(missing), [*unexpected, *(_OUTPUT + k for k in own)]
+    out_missing, out_unexpected = model.output.load_state_dict(own, strict=False)
+    return (
+        [*missing, *(_OUTPUT + k for k in out_missing)],
+        [*unexpected, *(_OUTPUT + k for k in out_unexpected)],
+    )

@@ -24,8 +24,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from bts.baselines import check_family
 from bts.errors import BtsError
-from bts.models import freeze, load_causal_lm
-from bts.stitch import causal_lm_loss
+from bts.generation import append_token, special_tokens
+from bts.models import causal_lm_loss, freeze, load_causal_lm, position_ids
 
 SEED = "seed"
 
@@ -37,12 +37,6 @@ class EnsembleOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     posterior: torch.Tensor | None = None  # [batch, seq, n_models]
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count real tokens only, as transformers' generate builds them."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
 
 
 def token_loglik(log_probs: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -88,7 +82,8 @@ class BTMEnsemble(nn.Module):
 
     def _constituent_log_probs(self, model, input_ids, mask, **kwargs) -> torch.Tensor:
         out = model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), **kwargs
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids(input_ids, mask),
+            **kwargs,
         )
         return out.logits.float().log_softmax(-1)
 
@@ -146,8 +141,7 @@ class BTMEnsemble(nn.Module):
         """Greedy decoding (prompt + new tokens), one KV cache per constituent; left padding."""
         if do_sample:
             raise BtsError("BTM generation is greedy only: pass do_sample=False")
-        eos = _token_list(eos_token_id if eos_token_id is not None else self.config.eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        eos, pad = special_tokens(self.config, eos_token_id, pad_token_id)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         caches = {name: DynamicCache(config=m.config) for name, m in self.models.items()}
         state = self._prefill(input_ids, mask, caches)
@@ -155,11 +149,7 @@ class BTMEnsemble(nn.Module):
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
             next_token = _mixture_last(*state).argmax(-1)
-            if eos:
-                next_token = next_token.masked_fill(finished, pad)
-                finished |= torch.isin(next_token, torch.tensor(eos, device=next_token.device))
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
+            tokens, mask, finished = append_token(tokens, mask, finished, next_token, eos, pad)
             if finished.all() or step == max_new_tokens - 1:
                 break
             state = self._extend(next_token, mask, caches, *state)
@@ -179,7 +169,7 @@ class BTMEnsemble(nn.Module):
     def _extend(self, token, mask, caches, cums, lasts):
         """Score the chosen token under each model, then feed it through each model's cache."""
         cums = cums + lasts.gather(-1, token[None, :, None].expand(len(cums), -1, 1)).squeeze(-1)
-        positions = position_ids(mask)[:, -1:]
+        positions = position_ids(token[:, None], mask)
         new_lasts = []
         for name, model in self.models.items():
             out = model(
@@ -197,13 +187,6 @@ def _mixture_last(cums: torch.Tensor, lasts: torch.Tensor) -> torch.Tensor:
     """log sum_m w_m p_m(next) [b, v] from context log-likelihoods [m, b] and log-probs [m, b, v]."""
     log_weights = cums.log_softmax(0)  # the uniform prior cancels in the normalisation
     return (log_weights[..., None] + lasts).logsumexp(0)
-
-
-def _token_list(token: int | list[int] | None) -> list[int]:
-    """transformers allows one end-of-sequence id or several."""
-    if token is None:
-        return []
-    return list(token) if isinstance(token, (list, tuple)) else [token]
 
 
 def load_btm(seed_dir: Path, expert_dirs: Mapping[str, Path]) -> BTMEnsemble:

@@ -28,14 +28,15 @@ from bts.baselines import check_family
 from bts.baselines.btm import SEED
 from bts.errors import BtsError
 from bts.fileio import atomic_dir
+from bts.generation import special_tokens
 from bts.models import (
     MANIFEST_DTYPES,
+    causal_lm_loss,
     constituent_entry,
     freeze,
     load_causal_lm,
     load_constituent,
 )
-from bts.stitch import causal_lm_loss
 
 MANIFEST = "bts_routing.json"
 WEIGHTS = "router.safetensors"
@@ -234,8 +235,7 @@ class RoutedModel(_Routing):
         Groups that stop early are right-padded with `pad_token_id` to the longest group.
         """
         mask = _mask(input_ids, attention_mask)
-        eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
-        pad = pad_token_id if pad_token_id is not None else _first(eos, default=0)
+        eos, pad = special_tokens(self.config, eos_token_id, pad_token_id)
         parts = []
         for model, rows in self._groups(self.route(input_ids, mask)):
             out = model.generate(
@@ -243,7 +243,7 @@ class RoutedModel(_Routing):
                 attention_mask=mask[rows],
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
-                eos_token_id=eos,
+                eos_token_id=eos or None,
                 pad_token_id=pad,
             )
             parts.append((rows, out))
@@ -253,11 +253,6 @@ class RoutedModel(_Routing):
             tokens[rows, : out.shape[1]] = out
         return tokens
 
-
-def _first(token, default: int) -> int:
-    if isinstance(token, (list, tuple)):
-        return token[0] if token else default
-    return default if token is None else token
 
 
 # ----- building, saving and loading (all I/O lives below) -----
