@@ -31,58 +31,42 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.masking_utils import sdpa_mask
 
+from bts.arch import adapter, config_value, layer_types, mismatch, stack_groups
 from bts.errors import BtsError
-from bts.models import HUB, decoder, layer_types, position_ids
+from bts.models import HUB, position_ids
 
-SUPPORTED_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-_SHAPE_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "rms_norm_eps",
-)
 _FUSE_ROWS = 64  # rows (batch x new tokens) up to which fused projections are faster
 _CHUNK_ROWS = 4096  # rows (models x batch x tokens) per MLP chunk
 _CHUNK_TOKENS = 1536  # models x rows x tokens per chunk of a cache-less batched forward
-_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _linear(layer: nn.Module, name: str) -> nn.Linear:
-    owner = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-    return getattr(owner, name)
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def unstackable_reason(models: list[nn.Module], depth: int) -> str | None:
     """Why these constituents cannot run batched (None if they can). `models[0]` is the hub."""
     hub = models[0]
     first = next(hub.parameters())
     if len({id(m) for m in models}) != len(models):
         return "the same model object is stitched twice (its weights cannot view two stacks)"
+    groups = stack_groups(models)
+    if groups is None:
+        kinds = sorted({type(adapter(m, "constituent").layers[0]).__name__ for m in models})
+        return f"the batched kernels do not cover decoder layer {', '.join(kinds)}"
+    hub_layer = adapter(hub, "the hub").layers[0]
     for i, model in enumerate(models):
         config = model.config
         reason = _config_reason(hub.config, config)
         if reason:
             return f"constituent {i}: {reason}"
-        layers = model.model.layers[: depth if i else None]
-        if any(type(layer).__name__ not in SUPPORTED_LAYERS for layer in layers):
-            return f"constituent {i}: decoder layer {type(layers[0]).__name__} is not supported"
+        found = adapter(model, f"constituent {i}")
+        layers = found.layers[: depth if i else None]
         if any(t != "full_attention" for t in layer_types(config)):
             return f"constituent {i}: sliding-window attention is not supported"
         params = [p for layer in layers for p in layer.parameters()]
         if any(p.dtype != first.dtype or p.device != first.device for p in params):
             return f"constituent {i}: dtype or device differs from the hub's"
-        for name in _LINEARS:
-            has_bias = [_linear(layer, name).bias is not None for layer in layers]
-            if any(b != (_linear(hub.model.layers[0], name).bias is not None) for b in has_bias):
-                return f"constituent {i}: {name} bias differs from the hub's"
-        rotary, hub_rotary = model.model.rotary_emb, hub.model.rotary_emb
+        for path, name in (part for parts in groups.values() for part in parts):
+            want = getattr(hub_layer.get_submodule(path), name) is not None
+            if any((getattr(layer.get_submodule(path), name) is not None) != want for layer in layers):
+                return f"constituent {i}: {path} {name} differs from the hub's"
+        rotary, hub_rotary = found.rotary_module, adapter(hub, "the hub").rotary_module
         if getattr(rotary, "attention_scaling", 1.0) != getattr(
             hub_rotary, "attention_scaling", 1.0
         ) or not torch.equal(rotary.inv_freq.cpu(), hub_rotary.inv_freq.cpu()):
@@ -91,11 +75,9 @@ def unstackable_reason(models: list[nn.Module], depth: int) -> str | None:
 
 
 def _config_reason(hub, config) -> str | None:
-    for key in _SHAPE_KEYS:
-        if getattr(config, key, None) != getattr(hub, key, None):
-            return f"{key} differs from the hub's"
-    if _head_dim(config) != _head_dim(hub):
-        return "head_dim differs from the hub's"
+    found = mismatch(hub, config, "stack")
+    if found is not None:
+        return f"{found[0]} differs from the hub's"
     if getattr(config, "rope_parameters", None) != getattr(hub, "rope_parameters", None):
         return "rope parameters differ from the hub's"
     if config._attn_implementation not in _ATTN_IMPLEMENTATIONS:
@@ -135,29 +117,6 @@ class StackedLayer:
         return StackedLayer(*(None if t is None else t[:count] for t in self.__dict__.values()))
 
 
-# (attribute in StackedLayer, [(module path inside a decoder layer, parameter name)])
-_GROUPS = {
-    "norm1": [("input_layernorm", "weight")],
-    "qkv": [
-        ("self_attn.q_proj", "weight"),
-        ("self_attn.k_proj", "weight"),
-        ("self_attn.v_proj", "weight"),
-    ],
-    "qkv_bias": [
-        ("self_attn.q_proj", "bias"),
-        ("self_attn.k_proj", "bias"),
-        ("self_attn.v_proj", "bias"),
-    ],
-    "o": [("self_attn.o_proj", "weight")],
-    "o_bias": [("self_attn.o_proj", "bias")],
-    "norm2": [("post_attention_layernorm", "weight")],
-    "gate_up": [("mlp.gate_proj", "weight"), ("mlp.up_proj", "weight")],
-    "gate_up_bias": [("mlp.gate_proj", "bias"), ("mlp.up_proj", "bias")],
-    "down": [("mlp.down_proj", "weight")],
-    "down_bias": [("mlp.down_proj", "bias")],
-}
-
-
 def _stack_group(layers: list[nn.Module], parts: list[tuple[str, str]]) -> tuple:
     """Concatenate `parts` along dim 0 per model, stack over models, rebind params to views."""
     params = [
@@ -188,11 +147,12 @@ class StackedWeights:
         self.depth = depth
         self.layers: list[StackedLayer] = []
         self._bound: list[tuple[nn.Parameter, int]] = []
+        layout = stack_groups(models)
         for index in range(self.num_layers):
             members = models if index < depth else models[:1]
-            decoder_layers = [m.model.layers[index] for m in members]
+            decoder_layers = [adapter(m, "constituent").layers[index] for m in members]
             groups = {}
-            for key, parts in _GROUPS.items():
+            for key, parts in layout.items():
                 stack, bound = _stack_group(decoder_layers, parts)
                 groups[key] = stack
                 self._bound.extend(bound)
@@ -201,7 +161,7 @@ class StackedWeights:
         self.eps = config.rms_norm_eps
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
-        self.head_dim = _head_dim(config)
+        self.head_dim = config_value(config, "head_dim")
         self.act = ACT2FN[config.hidden_act]
         self.dtype = self.layers[0].qkv.dtype
         self._subset_key: tuple | None = None
@@ -485,7 +445,7 @@ def _run(model, stacks, input_ids, attention_mask, cache, return_gates, names, k
         _align_cache(cache, active)
     past = cache.get_seq_length() if cache is not None else 0
     positions = position_ids(input_ids, attention_mask, past)
-    decoders = [decoder(model.hub, HUB), *(decoder(model.experts[n], n) for n in names)]
+    decoders = [adapter(model.hub, HUB), *(adapter(model.experts[n], n) for n in names)]
     x = torch.stack([d.embed(input_ids) for d in decoders])
     rotary = decoders[0].rotary(x[0], positions)
     batch, new = input_ids.shape

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bts.arch import adapter
 from bts.data.sources.math import expected_continuation, format_prompt, math_problems
 from bts.errors import BtsError
 from bts.evaluate import EvalLimits, evaluate_models, write_records
-from bts.fileio import write_json
+from bts.fileio import STITCH_MANIFEST, write_json
 from bts.models import load_causal_lm
 from bts.progress import progress
 from bts.report import write_report
@@ -68,7 +69,7 @@ def missing_outputs(run: Run) -> list[str]:
     and the branches) and the run does not have yet."""
     from bts.stages import is_complete
 
-    done = {"stitched": "bts_stitch.json", "routing": "bts_routing.json"}
+    done = {"stitched": STITCH_MANIFEST, "routing": "bts_routing.json"}
     missing = []
     for path, kind in run.outputs().items():
         name = path.relative_to(run.root).as_posix()
@@ -200,12 +201,13 @@ def _stitched_active(model: StitchedModel) -> int:
     mixes the experts' own heads: then all of each expert runs)."""
     count = sum(p.numel() for p in model.hub.parameters())
     count += sum(p.numel() for p in model.stitch_parameters())
-    for expert in model.experts.values():
+    for name, expert in model.experts.items():
         if model.output is not None:
             count += sum(p.numel() for p in expert.parameters())
             continue
         count += expert.get_input_embeddings().weight.numel()
-        count += sum(p.numel() for p in expert.model.layers[: model.expert_depth].parameters())
+        blocks = adapter(expert, name).layers[: model.expert_depth]
+        count += sum(p.numel() for p in blocks.parameters())
     return count
 
 
@@ -452,7 +454,7 @@ def configure(model: torch.nn.Module, run: Run) -> torch.nn.Module:
 
 def load_system(path: Path) -> torch.nn.Module:
     """A stitched model directory or a plain causal LM directory."""
-    if (Path(path) / "bts_stitch.json").is_file():
+    if (Path(path) / STITCH_MANIFEST).is_file():
         return StitchedModel.from_pretrained(path)
     return load_causal_lm(path)
 

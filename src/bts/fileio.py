@@ -50,12 +50,13 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+STITCH_MANIFEST = "bts_stitch.json"  # the manifest of a stitched model directory (bts.stitch_io)
 OWNER = ".bts-output"  # inside every directory atomic_dir writes: the kind of output it is
 # outputs written before the marker existed are recognised by their own files
 LEGACY_MARKERS = {
     "model": ("bts_stage.json",),
     "tokenizer": ("bts_stage.json",),
-    "stitched": ("bts_stitch.json",),
+    "stitched": (STITCH_MANIFEST,),
     "export": ("bts_export.json",),
     "routing": ("bts_routing.json",),
 }

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from bts.arch import adapter, layer_types
 from bts.batched import StackedCache, attention_mask_4d, run_block
 from bts.errors import BtsError
 from bts.heads import crop_output_state
-from bts.models import HUB, decoder, layer_types, position_ids
+from bts.models import HUB, position_ids
 
 _UNSET = object()  # "argument not given" where None is a meaningful value
 
@@ -249,7 +250,7 @@ class HubDrafter:
     def next_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         past = self.seen()
         positions = position_ids(ids, mask, past)
-        dec = decoder(self.hub, HUB)
+        dec = adapter(self.hub, HUB)
         x = dec.embed(ids)[None]
         rotary = dec.rotary(x[0], positions)
         mask4 = attention_mask_4d(mask, ids.shape[0], ids.shape[1], past, ids.device)

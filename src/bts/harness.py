@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bts.errors import BtsError
-from bts.fileio import process_tempdir, write_text
+from bts.fileio import STITCH_MANIFEST, process_tempdir, write_text
 
 DEFAULT_MATH_EXAMPLES = 200  # EvalLimits.math_examples: what `bts eval` scores by default
 DEFAULT_SEED = 0  # the seed of every shipped config
@@ -33,7 +33,7 @@ def math_task_problems(n: int = DEFAULT_MATH_EXAMPLES, seed: int = DEFAULT_SEED)
 
 
 def _model_kind(model: Path) -> str:
-    if (model / "bts_stitch.json").is_file():
+    if (model / STITCH_MANIFEST).is_file():
         return "stitched"
     if (model / "config.json").is_file():
         return "hf"

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bts.arch import adapter
 from bts.errors import BtsError
-from bts.models import HUB, causal_lm_loss, decoder
+from bts.models import HUB, causal_lm_loss
 from bts.spec import OutputMix
 
 # memories of the evidence features: 1 is BTM's whole-context evidence, 0.95 a half-life of about
@@ -145,7 +146,7 @@ def mixed_output(
     last = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
     if not stitch.evidence:
         streams = {n: h[:, last] for n, h in streams.items()}
-    heads = [decoder(models[n], n).logits(streams[n]).float() for n in sources]
+    heads = [adapter(models[n], n).logits(streams[n]).float() for n in sources]
     if loss_only and stitch.mix == "prob" and cache is None and not logits_to_keep:
         weights, loss = _mixture_loss(
             stitch, heads, streams[HUB], input_ids, attention_mask, labels, names, keep

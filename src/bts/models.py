@@ -1,14 +1,13 @@
-"""Constituent models: loading, the Llama-layout adapter, compatibility checks, freezing, hashing.
+"""Constituent models: loading (safetensors or GGUF, never pickles), freezing, hashing, manifest
+entries, and the token-level helpers every system shares (positions, the LM loss).
 
-Everything `stitch.py` needs to reach inside a Hugging Face causal LM lives here, so supporting a
-new architecture is one adapter, not edits across the stitching code.
+Reaching inside a model (embeddings, blocks, head) is bts.arch's: one adapter per family.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,79 +15,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from bts.errors import BtsError
 
-_REQUIRED = ("embed_tokens", "layers", "norm", "rotary_emb")
 HUB = "hub"  # the hub's name among a stitched model's constituents (never an expert's)
-
-
-@dataclass(frozen=True)
-class Decoder:
-    """The parts of a Llama-layout causal LM that stitching walks through, layer by layer."""
-
-    model: PreTrainedModel
-
-    @property
-    def inner(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.inner.layers
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.inner.embed_tokens(input_ids)
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple:
-        return self.inner.rotary_emb(hidden, position_ids=position_ids)
-
-    def layer_masks(
-        self,
-        embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache,
-        position_ids: torch.Tensor,
-    ) -> list:
-        """One attention mask per layer, as the model's own forward builds them (full or sliding)."""
-        config = self.model.config
-        kwargs = dict(
-            config=config,
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            position_ids=position_ids,
-        )
-        types = layer_types(config)
-        masks = (
-            {"full_attention": create_causal_mask(**kwargs)} if "full_attention" in types else {}
-        )
-        if "sliding_attention" in types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-        return [masks[t] for t in types]
-
-    def context(self, hidden, attention_mask, cache, positions) -> tuple:
-        """What every block of one forward shares: the per-layer masks and the rotary tables."""
-        masks = self.layer_masks(hidden, attention_mask, cache, positions)
-        return masks, self.rotary(hidden, positions)
-
-    def block(self, index: int, hidden, positions, context: tuple, cache) -> torch.Tensor:
-        """Decoder block `index` on `hidden`, as the model's own forward runs it."""
-        masks, rotary = context
-        out = self.layers[index](
-            hidden,
-            attention_mask=masks[index],
-            position_embeddings=rotary,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
-        return out[0] if isinstance(out, tuple) else out
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's own output head: final norm, then LM head."""
-        return self.model.lm_head(self.inner.norm(hidden))
 
 
 def position_ids(
@@ -111,45 +41,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
     )
-
-
-def layer_types(config) -> list[str]:
-    types = getattr(config, "layer_types", None)
-    if types:
-        return list(types)[: config.num_hidden_layers]
-    sliding = getattr(config, "sliding_window", None) and getattr(
-        config, "use_sliding_window", True
-    )
-    kind = "sliding_attention" if sliding else "full_attention"
-    return [kind] * config.num_hidden_layers
-
-
-def decoder(model: nn.Module, role: str) -> Decoder:
-    """Wrap a causal LM, refusing layouts other than Llama's (model.embed_tokens/layers/norm/...)."""
-    inner = getattr(model, "model", None)
-    missing = [name for name in _REQUIRED if not hasattr(inner, name)]
-    if inner is None or missing or not hasattr(model, "lm_head"):
-        raise BtsError(
-            f"{role} ({type(model).__name__}) does not have the Llama layout "
-            f"(missing {', '.join(missing) or 'model/lm_head'}): use a Llama, Mistral or Qwen2-style "
-            "causal LM"
-        )
-    return Decoder(model)
-
-
-def check_compatible(hub: PreTrainedModel, expert: PreTrainedModel, name: str) -> None:
-    """Stitching pairs hidden states layer by layer, so depth, width and vocabulary must match."""
-    for attr, what in (
-        ("num_hidden_layers", "layers"),
-        ("hidden_size", "hidden size"),
-        ("vocab_size", "vocabulary size"),
-    ):
-        got, want = getattr(expert.config, attr), getattr(hub.config, attr)
-        if got != want:
-            raise BtsError(
-                f"expert '{name}' has {what} {got} but the hub has {want}: "
-                "experts must be branched from the hub (same architecture and tokenizer)"
-            )
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -34,6 +34,7 @@ from bts.data.packing import DomainData, build_corpus
 from bts.data.tokenizer import load_tokenizer, train_tokenizer
 from bts.errors import BtsError
 from bts.fileio import (
+    STITCH_MANIFEST,
     atomic_dir,
     check_replaceable,
     check_target,
@@ -490,7 +491,7 @@ def stitch_heads(run: Run) -> Path:
 
 def train_stitched(run: Run, config: RunConfig, out: Path, stage: str) -> Path:
     """The stitch stage of `config` (the run's, or an ablation's) on the run's seed and experts."""
-    if (out / "bts_stitch.json").is_file():
+    if (out / STITCH_MANIFEST).is_file():
         return out
     model = build_stitched(run, config)
     model.train_only()

@@ -35,18 +35,12 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from bts.arch import adapter, check_compatible
 from bts.batched import BatchedExecutor, StackedCache
 from bts.errors import BtsError
 from bts.generation import InferenceOptions, generate
 from bts.heads import OutputStitch, mixed_output, nonnegative
-from bts.models import (
-    HUB,
-    causal_lm_loss,
-    check_compatible,
-    decoder,
-    freeze,
-    position_ids,
-)
+from bts.models import HUB, causal_lm_loss, freeze, position_ids
 from bts.spec import (
     EXPERTS_INTO_HUB,
     HUB_INTO_EXPERTS,
@@ -286,7 +280,7 @@ class StitchedModel(nn.Module):
         inference: InferenceOptions | None = None,
     ):
         super().__init__()
-        decoder(hub, HUB)
+        adapter(hub, HUB)
         self.hub = freeze(hub)
         self.spec = (spec or StitchSpec()).resolve(hub.config.num_hidden_layers)
         self.placement = list(self.spec.placement)
@@ -364,7 +358,7 @@ class StitchedModel(nn.Module):
     def add_expert(self, name: str, model: PreTrainedModel) -> None:
         """Stitch in a new frozen expert; its fresh stitch parameters leave the output unchanged."""
         _check_name(name, self.expert_names)
-        check_compatible(self.hub, decoder(model, f"expert '{name}'").model, name)
+        check_compatible(self.hub, adapter(model, f"expert '{name}'").model, name)
         self.executor.drop()
         self.experts[name] = freeze(model)
         for stitch in self.stitch_modules():
@@ -437,7 +431,7 @@ class StitchedModel(nn.Module):
         run = self._run_looped if stacks is None else partial(self.executor.run, self, stacks)
         hub, finals, records = run(input_ids, attention_mask, cache, return_gates, names, keep)
         if self.output is None:  # the paper's: the hub's own head
-            logits = decoder(self.hub, HUB).logits(hub[:, -logits_to_keep:])
+            logits = adapter(self.hub, HUB).logits(hub[:, -logits_to_keep:])
             loss = causal_lm_loss(logits, labels) if labels is not None else None
         else:  # ours: each model's own head, mixed per token (bts.heads)
             logits, weights, loss = mixed_output(
@@ -470,7 +464,7 @@ class StitchedModel(nn.Module):
         caches = caches or {}
         past = caches[HUB].get_seq_length() if caches else 0
         positions = position_ids(input_ids, attention_mask, past)
-        models = {HUB: decoder(self.hub, HUB), **{n: decoder(self.experts[n], n) for n in names}}
+        models = {HUB: adapter(self.hub, HUB), **{n: adapter(self.experts[n], n) for n in names}}
         streams = {name: dec.embed(input_ids) for name, dec in models.items()}
         contexts = {name: dec.context(streams[name], attention_mask, caches.get(name), positions)
                     for name, dec in models.items()}

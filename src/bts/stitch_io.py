@@ -23,11 +23,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from bts.errors import BtsError
-from bts.fileio import atomic_dir
+from bts.fileio import STITCH_MANIFEST, atomic_dir
 from bts.models import MANIFEST_DTYPES, constituent_entry, load_constituent
 from bts.spec import CHOICES, StitchKind, StitchPoint, StitchSpec
 
-MANIFEST = "bts_stitch.json"
+MANIFEST = STITCH_MANIFEST
 WEIGHTS = "stitch.safetensors"
 FORMAT = "bts-stitched-model"
 VERSION = 1  # what save_stitched writes
