@@ -23,6 +23,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from bts.baselines import check_family
+from bts.baselines.registry import Hooks
 from bts.errors import BtsError
 from bts.models import freeze, load_causal_lm
 from bts.stitch import causal_lm_loss
@@ -214,3 +215,6 @@ def load_btm(seed_dir: Path, expert_dirs: Mapping[str, Path]) -> BTMEnsemble:
     models = {SEED: load_causal_lm(seed_dir)}
     models |= {name: load_causal_lm(path) for name, path in expert_dirs.items()}
     return BTMEnsemble(models)
+
+
+HOOKS = Hooks(assemble=load_btm)  # nothing to build or train: made from the seed and experts
