@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bts.arch import adapter
+from bts.baselines import registry
 from bts.data.sources.math import expected_continuation, format_prompt, math_problems
 from bts.errors import BtsError
 from bts.evaluate import EvalLimits, evaluate_models, write_records
@@ -52,8 +53,10 @@ def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path
     if heads is not None:
         yield HEADS, lambda: StitchedModel.from_pretrained(heads), "stitch_heads", [heads]
     built = baselines(run)
-    if run.config.baselines.btm:
-        yield "btm", lambda: _btm(run), None, [seed, *experts.values()]
+    for system in registry.enabled_systems(run.config.baselines):
+        if system.baseline.kind is None:  # nothing built (BTM): made from the seed and experts
+            inputs = [seed, *experts.values()]
+            yield system.name, lambda s=system: s.hooks.assemble(seed, experts), None, inputs
     for name, path in built.items():
         stage = _baseline_stage(run, name)
         yield name, lambda n=name, p=path: load_baseline(n, p), stage, [path]
@@ -97,25 +100,9 @@ def _baseline_stage(run: Run, name: str) -> str | None:
 
 
 def load_baseline(name: str, path: Path) -> torch.nn.Module:
-    if name == "expert_routing":
-        from bts.baselines.routing import load_routing
-
-        return load_routing(path)
-    if name in ("bam", "bam_adapters"):
-        from bts.baselines.bam import load_bam
-
-        return load_bam(path)
-    if name.startswith("btx_"):
-        from bts.baselines.btx import load_btx
-
-        return load_btx(path)
-    return load_causal_lm(path)
-
-
-def _btm(run: Run) -> torch.nn.Module:
-    from bts.baselines.btm import load_btm
-
-    return load_btm(make_seed(run), {d: train_expert(run, d) for d in run.config.expert_domains})
+    """Baseline system `name` from its directory, by its baseline's loader (`bts.baselines`)."""
+    baseline = registry.owner(name)
+    return baseline.hooks.load(path) if baseline is not None else load_causal_lm(path)
 
 
 def _without(path: Path, expert: str) -> StitchedModel:
@@ -184,14 +171,9 @@ def active_parameters(model: torch.nn.Module) -> int:
     """Parameters that take part in computing one token (an MoE's unrouted experts do not)."""
     if isinstance(model, StitchedModel):
         return _stitched_active(model)
-    own = getattr(model, "active_parameters", None)
+    own = getattr(model, "active_parameters", None)  # BTX and BAM's, BTM's, expert routing's
     if callable(own):
         return int(own())
-    from bts.baselines.btx import BTXForCausalLM
-    from bts.baselines.btx import active_parameters as moe_active
-
-    if isinstance(model, BTXForCausalLM):  # BAM included: it is a BTX subclass
-        return moe_active(model)
     return _counts(model)[0]
 
 
@@ -213,24 +195,15 @@ def _stitched_active(model: StitchedModel) -> int:
 
 def _trained_params(name: str, model, run: Run) -> None:
     """Constituents are loaded frozen or not; mark what the system's own stage trained."""
-    spec = run.config.baselines
+    system = registry.find_system(run.config.baselines, name)
     if name in ("bts", HEADS):
         model.train_only()
-    elif name.startswith("btx_"):
-        from bts.baselines.btx import set_btx_trainable
-
-        set_btx_trainable(model, spec.btx.train_all)
-    elif name in ("bam", "bam_adapters"):
-        from bts.baselines.bam import set_bam_trainable
-
-        set_bam_trainable(model, getattr(spec, name).train_all)
-    elif name == "expert_routing":
-        model.requires_grad_(False)
-        model.router.requires_grad_(True)
+    elif system is not None:  # merges and btm: nothing trained
+        system.hooks.trainable(model, system.spec)
     elif name == "seed" and run.config.seed_model.kind == "pretrained":
         model.requires_grad_(False)  # imported, not trained here
     elif name != "seed" and not name.startswith("expert:"):
-        model.requires_grad_(False)  # merges, btm, bts-minus: nothing trained
+        model.requires_grad_(False)  # bts-minus: nothing trained
 
 
 SWITCH = "domain_switch"
@@ -379,10 +352,9 @@ def compare(run: Run) -> Path:
         report["systems"][name] = entry["summary"]
         if "gates" in entry:  # bts's stitch gates, bts_heads's output gate
             gates = {**(gates or {}), **entry["gates"]}
-    default_btx = run.config.baselines.btx
-    if default_btx is not None and f"btx_{default_btx.routing}" in report["systems"]:
-        alias = f"btx_{default_btx.routing}"  # `btx` is the config's default variant
-        report["systems"]["btx"] = {"alias_of": alias, **report["systems"][alias]}
+    for alias, system in registry.aliases(run.config.baselines).items():  # `btx`: the default
+        if system in report["systems"]:
+            report["systems"][alias] = {"alias_of": system, **report["systems"][system]}
     if _same(previous, report) and run.path("report.md").is_file():
         return run.path("report.md")  # nothing changed: keep the files as they are
     write_records(records, run.path("eval.json"))

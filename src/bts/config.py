@@ -15,10 +15,7 @@ import yaml
 from pydantic import BaseModel, Field
 from torch import nn
 
-from bts.baselines.bam import BAMSpec
-from bts.baselines.btx import BTXSpec
-from bts.baselines.merges import DEFAULT_MERGES, MergeSpec
-from bts.baselines.routing import RoutingSpec
+from bts.baselines import registry
 from bts.data.domains import BUILTIN_DOMAINS, DEFAULT_DOMAINS
 from bts.errors import BtsError
 from bts.fields import Count, PositiveCount, PositiveFloat
@@ -235,29 +232,26 @@ class HeadsConfig(Strict):
     evidence: bool = True
 
 
-class BaselinesConfig(Strict):
-    """The alternatives BTS is compared with, all from the same seed and experts (docs/)."""
-
-    merges: list[MergeSpec] = Field(default_factory=lambda: list(DEFAULT_MERGES))
-    btx: BTXSpec | None = BTXSpec()  # its routing is the default variant, reported as `btx`
-    btx_variants: list[Literal["soft", "top1", "top2"]] = ["soft", "top1", "top2"]
-    # default: the stitch stage's schedule (same tokens) at lr 1e-4 (stages.BASELINE_LR)
-    btx_train: TrainConfig | None = None
-    btm: bool = True  # output ensemble, nothing to train
-    expert_routing: RoutingSpec | None = RoutingSpec()
-    # default: the stitch schedule at lr 1e-2 (the router reads RMS-normalised embeddings)
-    routing_train: TrainConfig | None = None
-    bam: BAMSpec | None = BAMSpec()
-    # BAM with adapters (the paper's Sec. 3.3): a BAMSpec with adapters: true, train_all: false
-    bam_adapters: BAMSpec | None = None
-    bam_train: TrainConfig | None = None  # default: the stitch stage's schedule at lr 1e-4
-    bam_adapters_train: TrainConfig | None = None  # default: the stitch schedule at lr 1e-3
-
+class _Baselines(Strict):
     @pydantic.model_validator(mode="after")
-    def _bam_adapters_has_adapters(self) -> BaselinesConfig:
-        if self.bam_adapters is not None and not self.bam_adapters.adapters:
-            raise ValueError("bam_adapters needs adapters: true (plain BAM is `bam`)")
+    def _checked(self):
+        registry.check(self)
         return self
+
+
+def _baseline_field(value):
+    """A registry field as pydantic's (type, default); a baseline's own schedule: TrainConfig."""
+    return (TrainConfig | None, None) if value == registry.SCHEDULE else value
+
+
+# One section per baseline of bts.baselines.registry (its keys, types and defaults are there).
+BaselinesConfig = pydantic.create_model(
+    "BaselinesConfig",
+    __base__=_Baselines,
+    __doc__="The alternatives BTS is compared with, all from the same seed and experts (docs/).",
+    __module__=__name__,
+    **{key: _baseline_field(value) for key, value in registry.config_fields().items()},
+)
 
 
 class EvalConfig(Strict):

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.patheffects import Normal, Stroke
 
+from bts.baselines.registry import REPORT_ROWS, SINGLE_MODEL, WHOLE_EXPERTS
 from bts.errors import BtsError
 from bts.fileio import write_text
 
@@ -31,9 +32,6 @@ EXPERT_PREFIX = "expert:"
 HEADS = "bts_heads"  # bts with the output stitch (the experts' own heads)
 STITCHED = ("bts", HEADS)  # stitched systems: `<base>-minus:<domain>` rows, ablation bases
 REMOVAL_PREFIXES = tuple(f"{base}-minus:" for base in STITCHED)
-MERGES = ("linear", "task_arithmetic", "ties", "dare_ties")
-# the paper's other alternatives, in its Table 3 order (btx is an alias of a btx_* variant)
-OTHERS = ("btm", "expert_routing", "btx_soft", "btx_top1", "btx_top2", "btx", "bam", "bam_adapters")
 ABLATIONS_PREFIX = "ablations/"
 BASE_STAGES = {"bts": "stitch", HEADS: "stitch_heads"}  # the stage an ablation of each re-runs
 SWITCH_SETS = ("domain_switch",)  # held-out rows that change domain mid-way (bts.compare)
@@ -41,10 +39,6 @@ MAX_TOKENS = 64  # per-token gate plot: wider figures make unreadable labels
 MAX_TOKEN_CHARS = 10
 EMA_SPANS = 30  # a training curve is smoothed by an EMA spanning 1/30 of its points
 DASH = "–"
-# systems that yield one model to deploy (merges, the soups, BTX variants, BAM with and without
-# adapters); not BTM or expert routing (several models), experts, bts-minus rows or ablations
-SINGLE_MODEL = (*MERGES, "soup", "linear_experts", "bam", "bam_adapters")
-SINGLE_MODEL_PREFIX = "btx_"
 AVERAGE = "average"
 ONE_RUN_NOTE = (
     "(One run; differences under two standard deviations over seeds cannot be told apart "
@@ -91,11 +85,9 @@ def _system_rank(name: str, domains: list[str]) -> tuple[int, int, str]:
         return (1, domains.index(domain) if domain in domains else len(domains), domain)
     if name in STITCHED:
         return (2, STITCHED.index(name), "")
-    if name in MERGES:
-        return (3, MERGES.index(name), "")
-    if name in OTHERS:
-        return (4, OTHERS.index(name), "")
-    return (5, 0, name)
+    if name in REPORT_ROWS:  # the merges, then the paper's other alternatives (Table 3 order)
+        return (3, REPORT_ROWS.index(name), "")
+    return (4, 0, name)
 
 
 def removed_domains(report: Mapping[str, Any], base: str = "bts") -> list[str]:
@@ -249,7 +241,9 @@ def _versus(report: Mapping[str, Any], a: str, b: str, avg: Mapping[str, float])
 
 
 def _single_model(name: str) -> bool:
-    return name in SINGLE_MODEL or name.startswith(SINGLE_MODEL_PREFIX)
+    """One model to deploy (merges, the soups, BTX variants, BAM with and without adapters);
+    not BTM or expert routing (several models), experts, bts-minus rows or ablations."""
+    return name in SINGLE_MODEL
 
 
 def what_it_shows(report: Mapping[str, Any]) -> str:
@@ -292,7 +286,7 @@ def what_it_shows(report: Mapping[str, Any]) -> str:
     if "bts" in avg and "seed" in avg:
         sentences.append(f"`bts` against the seed: {_versus(report, 'bts', 'seed', avg)}.")
     # bts_heads keeps every expert whole, so it is read against the systems that do as well
-    whole = [n for n in ("btm", "expert_routing") if HEADS in avg and n in avg]
+    whole = [n for n in WHOLE_EXPERTS if HEADS in avg and n in avg]
     for name in whole:
         sentences.append(f"`{HEADS}` against `{name}`: {_versus(report, HEADS, name, avg)}.")
     compared = ["bts", single[0]] if "bts" in avg and single else ["bts"]

@@ -27,6 +27,7 @@ import torch
 from accelerate import PartialState
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from bts.baselines import registry
 from bts.config import MixConfig, RunConfig, StitchConfig, dump_config
 from bts.data.domains import BUILTIN_DOMAINS, load_domain, train_texts
 from bts.data.mixes import MixSampler, mix_weights
@@ -125,21 +126,16 @@ class Run:
 
     def outputs(self) -> dict[Path, str]:
         """Every directory the config's stages write, with the kind of bts output it is."""
-        config, baselines = self.config, self.config.baselines
+        config, baselines = self.config, registry.outputs(self.config.baselines)
         names = ["seed", *(f"branches/{d}" for d in config.expert_domains)]
         names += [f"experts/{d}" for d in config.expert_domains]
-        names += [f"baselines/{m.name}" for m in baselines.merges]
-        if baselines.btx is not None:
-            names += [f"baselines/btx_{r}" for r in baselines.btx_variants]
-        bams = [n for n in ("bam", "bam_adapters") if getattr(baselines, n) is not None]
-        names += [f"baselines/{n}" for n in bams]
+        names += [f"baselines/{n}" for n, kind in baselines.items() if kind == "model"]
         out = {self.path(n): "model" for n in names}
         out[self.path("tokenizer")] = "tokenizer"
         out[self.path("stitched")] = "stitched"
         if config.bts_heads is not None:
             out[self.path(HEADS_DIR)] = "stitched"
-        if baselines.expert_routing is not None:
-            out[self.path("baselines", "expert_routing")] = "routing"
+        out |= {self.path("baselines", n): k for n, k in baselines.items() if k != "model"}
         return out
 
     @property
@@ -577,96 +573,51 @@ def remove_expert(stitched: Path, name: str, out: Path, force: bool = False) -> 
     return out
 
 
-# Each trained baseline's default learning rate (its schedule is the stitch stage's, so the
-# same tokens), chosen on the demo's validation rows: benchmarks/sweeps/baselines-lr.yaml and
-# docs/results.md. BTX and BAM fine-tune every weight, so their rate is far below the stitch
-# layers'; the router of expert routing reads RMS-normalised embeddings and needs a high one.
-# BAM with adapters trains its routers and adapters only, over frozen constituents.
-BASELINE_LR = {"btx": 1e-4, "bam": 1e-4, "bam_adapters": 1e-3, "expert_routing": 1e-2}
-
-
 def baselines(run: Run) -> dict[str, Path]:
-    """Merges (mergekit), BTX variants, expert routing and BAM (with and without adapters), from
-    the same seed and experts.
+    """Every baseline system the config enables (`bts.baselines.registry`: merges, BTX
+    variants, expert routing, BAM with and without adapters), from the same seed and experts.
 
     Trained ones get the stitch stage's mix and number of tokens. BTM (an output ensemble) has
     nothing to build; `bts.compare` assembles it from the seed and experts.
     """
     seed = make_seed(run)
     experts = {d: train_expert(run, d) for d in run.config.expert_domains}
-    spec = run.config.baselines
-    out: dict[str, Path] = {}
-    for merge in spec.merges:
-        target = run.path("baselines", merge.name)
-        if not is_complete(target):
-            once(_write_merge, merge, seed, experts, target)
-        out[merge.name] = target
-    if spec.btx is not None:
-        for routing in spec.btx_variants:
-            name = f"btx_{routing}"
-            variant = spec.btx.model_copy(update={"routing": routing})
-            out[name] = _train_btx(run, name, variant, seed, experts)
-    if spec.expert_routing is not None:
-        out["expert_routing"] = _train_routing(run, seed, experts)
-    for name in ("bam", "bam_adapters"):  # BAM, and BAM with adapters (frozen constituents)
-        if getattr(spec, name) is not None:
-            out[name] = _train_bam(run, name, getattr(spec, name), seed, experts)
-    return out
+    return {
+        system.name: _baseline(run, system, seed, experts)
+        for system in registry.enabled_systems(run.config.baselines)
+        if system.baseline.kind is not None
+    }
 
 
-def _stitch_budget(
-    run: Run, override: TrainConfig | None, **changes
-) -> tuple[MixSampler, TrainConfig]:
-    """The stitch stage's sampler and schedule (same mix, same tokens) for a trained baseline."""
+def _baseline(run: Run, system: registry.System, seed: Path, experts: dict[str, Path]) -> Path:
+    """RUN/baselines/<name>: written as is (a merge) or trained, unless already complete."""
+    hooks, target = system.hooks, run.path("baselines", system.name)
+    if (target / (hooks.manifest or STAGE_MARKER)).is_file():
+        return target
+    if hooks.write is not None:
+        once(_write_baseline, hooks.write, system.spec, seed, experts, target)
+        return target
+    model = hooks.build(system.spec, seed, experts)
+    hooks.trainable(model, system.spec)
+    result = run.train(system.name, model, *_stitch_budget(run, system))
+    if hooks.save is not None:
+        once(hooks.save, model, target)
+    else:
+        _save_model(run, model, run.tokenizer, target, system.name, tokens=result.tokens)
+    return target
+
+
+def _stitch_budget(run: Run, system: registry.System) -> tuple[MixSampler, TrainConfig]:
+    """The stitch stage's sampler and schedule (same mix, same tokens) for a trained baseline,
+    at its own learning rate (`registry.BASELINE_LR`), unless its config key sets a schedule."""
     stitch_spec = run.config.stitch
-    cfg = override or stitch_spec.train.model_copy(update=changes)
+    rate = {} if system.lr is None else {"lr": system.lr}
+    cfg = system.schedule or stitch_spec.train.model_copy(update=rate)
     return stitch_sampler(run, run.config.stitch_domains, stitch_spec), cfg
 
 
-def _train_btx(run: Run, name: str, spec, seed: Path, experts: dict[str, Path]) -> Path:
-    from bts.baselines.btx import build_btx, set_btx_trainable
-
-    target = run.path("baselines", name)
-    if not is_complete(target):
-        model = build_btx(spec, seed, experts)
-        set_btx_trainable(model, spec.train_all)
-        rate = {"lr": BASELINE_LR["btx"]} if spec.train_all else {}  # routers only: stitch's
-        sampler, cfg = _stitch_budget(run, run.config.baselines.btx_train, **rate)
-        result = run.train(name, model, sampler, cfg)
-        _save_model(run, model, run.tokenizer, target, name, tokens=result.tokens)
-    return target
-
-
-def _train_bam(run: Run, name: str, spec, seed: Path, experts: dict[str, Path]) -> Path:
-    from bts.baselines.bam import build_bam, set_bam_trainable
-
-    target = run.path("baselines", name)
-    if not is_complete(target):
-        model = build_bam(spec, seed, experts)
-        set_bam_trainable(model, spec.train_all)
-        own = getattr(run.config.baselines, f"{name}_train")
-        rate = BASELINE_LR["bam" if spec.train_all else "bam_adapters"]
-        sampler, cfg = _stitch_budget(run, own, lr=rate)
-        result = run.train(name, model, sampler, cfg)
-        _save_model(run, model, run.tokenizer, target, name, tokens=result.tokens)
-    return target
-
-
-def _train_routing(run: Run, seed: Path, experts: dict[str, Path]) -> Path:
-    from bts.baselines.routing import build_routing, save_routing
-
-    target = run.path("baselines", "expert_routing")
-    if not (target / "bts_routing.json").is_file():
-        trainer = build_routing(run.config.baselines.expert_routing, seed, experts)
-        routing_train = run.config.baselines.routing_train
-        sampler, cfg = _stitch_budget(run, routing_train, lr=BASELINE_LR["expert_routing"])
-        run.train("expert_routing", trainer, sampler, cfg)
-        once(save_routing, trainer, target)
-    return target
-
-
-def _write_merge(spec, seed: Path, experts: dict[str, Path], target: Path) -> None:
-    from bts.baselines.merges import merge_models
-
-    merge_models(spec, seed, experts, target, overwrite=True)
-    _mark(target, "merge", method=spec.method)
+def _write_baseline(
+    write: Callable, spec, seed: Path, experts: dict[str, Path], target: Path
+) -> None:
+    """A baseline made without training (a merge), then its stage marker with `write`'s fields."""
+    _mark(target, **write(spec, seed, experts, target))

@@ -4,16 +4,21 @@ sampled top-1 and top-2 routing (`btx`) and Branch-Attend-Mix (`bam`).
 
 All take the same inputs as stitching: a seed directory and expert directories branched from it,
 each a `save_pretrained` causal LM with its tokenizer files beside the weights.
+
+`registry` lists them (names, config keys, report rows) and `specs` holds their config
+sections; both stay light, and importing this package imports no model code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-
-from transformers import AutoConfig, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from bts.errors import BtsError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # Fields that must agree for weights to line up tensor by tensor.
 SHAPE_FIELDS = (
@@ -59,4 +64,6 @@ def _load_config(role: str, path: Path) -> PretrainedConfig:
             f"{role} directory {path} has no tokenizer files: save the tokenizer into it "
             "(tokenizer.save_pretrained)"
         )
+    from transformers import AutoConfig  # here: the registry and specs import this package
+
     return AutoConfig.from_pretrained(path)

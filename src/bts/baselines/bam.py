@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, model_validator
 from torch import nn
 from torch.func import functional_call
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, MixtralConfig
@@ -30,7 +29,6 @@ from transformers.models.mixtral.modeling_mixtral import MixtralAttention
 
 from bts.baselines.btx import (
     BTXForCausalLM,
-    Routing,
     active_parameters,
     constituents,
     copy_ffn_expert,
@@ -40,6 +38,8 @@ from bts.baselines.btx import (
     routers,
     save_with_spec,
 )
+from bts.baselines.registry import Hooks
+from bts.baselines.specs import BAMSpec
 from bts.errors import BtsError
 
 __all__ = [
@@ -221,43 +221,6 @@ AutoConfig.register(BAMConfig.model_type, BAMConfig, exist_ok=True)
 AutoModelForCausalLM.register(BAMConfig, BAMForCausalLM, exist_ok=True)
 
 
-class BAMSpec(BaseModel, extra="forbid"):
-    """How to build (and, for the training loop, what to train in) the BAM model."""
-
-    # soft: every FFN expert, softmax-weighted, as the BTS paper runs BAM; top2 and top1 are the
-    # BTX variants (top-k, or sampled top-1, with load balancing)
-    ffn_routing: Routing = "soft"
-    num_experts_per_tok: int = Field(2, ge=1)  # top2 only; top1 uses 1, soft all experts
-    gumbel_temperature: float = Field(1.0, gt=0.0)  # top1 only
-    include_seed: bool = True  # the seed joins as a generalist expert (attention and FFN)
-    train_all: bool = True  # BAM trains every weight; False the routers (and adapters) only
-    # BAM with adapters (BTS paper Sec. 3.3): a d x d output adapter on every attention and FFN
-    # expert, trained with the routers while every constituent stays frozen (needs train_all off)
-    adapters: bool = False
-    aux_loss_coef: float = Field(0.01, ge=0.0)  # load balancing of the FFN routers (not soft)
-    router_init_std: float = Field(0.02, ge=0.0)  # FFN and attention routers
-    router_seed: int = 0
-
-    @model_validator(mode="after")
-    def _k_only_for_top2(self):
-        # 2 is accepted whatever the routing, so dumped specs and configs reload unchanged
-        if self.ffn_routing != "top2" and self.num_experts_per_tok != 2:
-            raise ValueError(
-                f"num_experts_per_tok={self.num_experts_per_tok} applies to ffn_routing='top2' "
-                f"only, not {self.ffn_routing!r}: drop it"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _adapters_keep_the_constituents_frozen(self):
-        if self.adapters and self.train_all:
-            raise ValueError(
-                "adapters: true trains only the routers and adapters, the constituents stay "
-                "frozen: set train_all: false"
-            )
-        return self
-
-
 def build_bam(
     spec: BAMSpec,
     seed_dir: Path,
@@ -329,3 +292,10 @@ def load_bam(path: Path) -> BAMForCausalLM:
     if model_type != BAMConfig.model_type:
         raise BtsError(f"{path} holds a {model_type!r} model, not BAM: give a BAM directory")
     return BAMForCausalLM.from_pretrained(path)
+
+
+def _trainable(model: BAMForCausalLM, spec: BAMSpec) -> None:
+    set_bam_trainable(model, spec.train_all)
+
+
+HOOKS = Hooks(build=build_bam, load=load_bam, trainable=_trainable)

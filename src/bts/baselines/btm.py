@@ -23,6 +23,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from bts.baselines import check_family
+from bts.baselines.registry import Hooks
 from bts.errors import BtsError
 from bts.generation import append_token, special_tokens
 from bts.models import causal_lm_loss, freeze, load_causal_lm, position_ids
@@ -197,3 +198,6 @@ def load_btm(seed_dir: Path, expert_dirs: Mapping[str, Path]) -> BTMEnsemble:
     models = {SEED: load_causal_lm(seed_dir)}
     models |= {name: load_causal_lm(path) for name, path in expert_dirs.items()}
     return BTMEnsemble(models)
+
+
+HOOKS = Hooks(assemble=load_btm)  # nothing to build or train: made from the seed and experts

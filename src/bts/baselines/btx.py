@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -33,11 +32,12 @@ from transformers import (
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralTopKRouter
 
 from bts.baselines import check_family
+from bts.baselines.registry import Hooks
+from bts.baselines.specs import BTXSpec  # re-exported beside the model it builds
 from bts.errors import BtsError
 from bts.fileio import atomic_dir
 
 SEED_EXPERT = "seed"
-Routing = Literal["top2", "soft", "top1"]
 
 
 class SoftRouter(MixtralTopKRouter):
@@ -149,6 +149,10 @@ class BTXForCausalLM(MixtralForCausalLM):
             output_router_logits = self.training and routing_of(self.config) != "soft"
         return super().forward(*args, output_router_logits=output_router_logits, **kwargs)
 
+    def active_parameters(self) -> int:
+        """Parameters a token uses (the report's params_active): see `active_parameters` below."""
+        return active_parameters(self)
+
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Save a plain Mixtral checkpoint that any Mixtral loader reads (subclasses keep theirs)."""
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -160,29 +164,6 @@ class BTXForCausalLM(MixtralForCausalLM):
 def load_btx(path: Path) -> BTXForCausalLM:
     """Reload a saved BTX model with its routing variant and training-mode load-balancing loss."""
     return BTXForCausalLM.from_pretrained(path)
-
-
-class BTXSpec(BaseModel, extra="forbid"):
-    """How to build (and, for the training loop, what to train in) the BTX model."""
-
-    routing: Routing = "top2"  # BTX: top-k (k = num_experts_per_tok) with load balancing
-    num_experts_per_tok: int = Field(2, ge=1)  # top2 only; top1 uses 1, soft all experts
-    gumbel_temperature: float = Field(1.0, gt=0.0)  # top1 only: Gumbel-softmax temperature
-    include_seed: bool = True  # the seed's FFN joins as a generalist expert (BTX main setup)
-    train_all: bool = True  # BTX fine-tunes every weight; False trains the routers only
-    aux_loss_coef: float = Field(0.01, ge=0.0)  # BTX: load-balancing alpha = 0.01 (not soft)
-    router_init_std: float = Field(0.02, ge=0.0)  # Mixtral's init; 0 gives all-zero routers
-    router_seed: int = 0
-
-    @model_validator(mode="after")
-    def _k_only_for_top2(self):
-        # 2 is accepted whatever the routing, so dumped specs and configs reload unchanged
-        if self.routing != "top2" and self.num_experts_per_tok != 2:
-            raise ValueError(
-                f"num_experts_per_tok={self.num_experts_per_tok} applies to routing='top2' only, "
-                f"not {self.routing!r}: drop it"
-            )
-        return self
 
 
 def experts_per_token(routing: str, num_experts_per_tok: int, num_experts: int) -> int:
@@ -389,3 +370,10 @@ def save_with_spec(
         tokenizer.save_pretrained(tmp)
         (tmp / spec_name).write_text(spec.model_dump_json(indent=2) + "\n")
     return Path(out_dir)
+
+
+def _trainable(model: MixtralForCausalLM, spec: BTXSpec) -> None:
+    set_btx_trainable(model, spec.train_all)
+
+
+HOOKS = Hooks(build=build_btx, load=load_btx, trainable=_trainable)

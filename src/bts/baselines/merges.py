@@ -11,68 +11,29 @@ import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bts.baselines import check_family
+from bts.baselines.registry import Hooks
+from bts.baselines.specs import DEFAULT_MERGES, SPARSE_METHODS, MergeMethod, MergeSpec
 from bts.errors import BtsError
 from bts.fileio import atomic_dir
+from bts.models import load_causal_lm
 
-MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties"]
-_SPARSE = ("ties", "dare_ties")
-EXPERTS_ONLY_SOUP = "linear_experts"  # the system name of a soup without the seed
-
-
-class MergeSpec(BaseModel):
-    """One merge baseline. YAML may spell `lambda_` as `lambda`."""
-
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
-
-    method: MergeMethod
-    weight: float = 1.0  # every expert's weight, and the seed's in the soup (all symmetric here)
-    # fraction of each delta kept (ties, dare_ties; None = 0.5 for those)
-    density: float | None = Field(None, gt=0.0, le=1.0)
-    lambda_: float | None = Field(None, alias="lambda")  # scale of the merged delta; None = 1
-    normalize: bool = True  # divide by the sum of (participating) weights
-    random_seed: int = 0  # DARE's random drops
-    # linear only: the seed is one more ingredient of the soup, weighted like an expert (the BTS
-    # paper's soup); False averages the experts alone. Task-vector methods always build on it.
-    include_seed: bool = True
-
-    @model_validator(mode="after")
-    def _only_parameters_the_method_uses(self) -> MergeSpec:
-        if self.method not in _SPARSE and self.density is not None:
-            raise ValueError(f"density applies to {' and '.join(_SPARSE)}, not {self.method}")
-        if self.method == "linear" and self.lambda_ is not None:
-            raise ValueError("lambda applies to task-vector methods, not linear")
-        if self.method != "linear" and not self.include_seed:
-            raise ValueError(
-                f"include_seed=false applies to linear, not {self.method} (whose base is the seed)"
-            )
-        return self
-
-    @property
-    def name(self) -> str:
-        """The system's name (its RUN/baselines/ directory and report row): the method, but
-        `linear_experts` for the experts-only soup, so both soups can sit in one run."""
-        return self.method if self.include_seed else EXPERTS_ONLY_SOUP
-
-
-# Defaults: soup = plain mean of the seed and the experts; task arithmetic adds half the summed
-# expert deltas (Ilharco et al. tune lambda on validation data, 0.3-0.5 being typical for several
-# tasks); TIES keeps half of each delta (dense enough for continued-pretraining deltas) with the
-# disjoint mean; DARE-TIES drops half at random, rescales, then merges like TIES.
-DEFAULT_MERGES: list[MergeSpec] = [
-    MergeSpec(method="linear"),
-    MergeSpec(method="task_arithmetic", lambda_=0.5, normalize=False),
-    MergeSpec(method="ties", density=0.5),
-    MergeSpec(method="dare_ties", density=0.5),
+__all__ = [
+    "DEFAULT_MERGES",
+    "HOOKS",
+    "MERGE_METHODS",
+    "MergeMethod",
+    "MergeSpec",
+    "merge_configuration",
+    "merge_models",
+    "register",
 ]
 
 ConfigBuilder = Callable[[MergeSpec, Path, Mapping[str, Path]], dict]
@@ -112,7 +73,7 @@ def _model_soup(spec: MergeSpec, seed_dir: Path, expert_dirs: Mapping[str, Path]
 def _task_vectors(spec: MergeSpec, seed_dir: Path, expert_dirs: Mapping[str, Path]) -> dict:
     """seed + lambda * combine(weight * (expert - seed)), the seed being mergekit's base model."""
     per_expert = {"weight": spec.weight}
-    if spec.method in _SPARSE:
+    if spec.method in SPARSE_METHODS:
         per_expert["density"] = 0.5 if spec.density is None else spec.density
     return {
         "merge_method": spec.method,
@@ -184,3 +145,12 @@ def _caller_rng_kept() -> Iterator[None]:
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+def _write(spec: MergeSpec, seed_dir: Path, expert_dirs: Mapping[str, Path], out_dir: Path) -> dict:
+    """The pipeline's merge: `out_dir` written (replacing a partial one); its stage marker."""
+    merge_models(spec, seed_dir, expert_dirs, out_dir, overwrite=True)
+    return {"stage": "merge", "method": spec.method}
+
+
+HOOKS = Hooks(write=_write, load=load_causal_lm)  # a merge is a plain causal LM

@@ -26,6 +26,8 @@ from transformers import PreTrainedModel
 
 from bts.baselines import check_family
 from bts.baselines.btm import SEED
+from bts.baselines.registry import Hooks
+from bts.baselines.specs import RoutingSpec  # re-exported beside the router it configures
 from bts.errors import BtsError
 from bts.fileio import atomic_dir
 from bts.generation import special_tokens
@@ -41,21 +43,6 @@ from bts.models import (
 MANIFEST = "bts_routing.json"
 WEIGHTS = "router.safetensors"
 FORMAT = "bts-expert-routing"
-
-
-class RoutingSpec(pydantic.BaseModel, extra="forbid"):
-    """Prefix lengths (tokens) the router reads in training and in evaluation."""
-
-    min_prefix: int = pydantic.Field(32, ge=1)
-    max_prefix: int = pydantic.Field(256, ge=1)
-    eval_prefix: int = pydantic.Field(32, ge=1)
-    seed: int = 0  # seeds the per-batch prefix draw
-
-    @pydantic.model_validator(mode="after")
-    def _ordered(self) -> RoutingSpec:
-        if self.min_prefix > self.max_prefix:
-            raise ValueError(f"min_prefix={self.min_prefix} exceeds max_prefix={self.max_prefix}")
-        return self
 
 
 @dataclass
@@ -355,3 +342,18 @@ def load_routing(path: Path) -> RoutedModel:
     hidden = models[info["names"][0]].get_input_embeddings().embedding_dim
     router = _load_router(directory, hidden, len(models))
     return RoutedModel(spec, models, router)
+
+
+def _router_only(model: _Routing, spec: RoutingSpec) -> None:
+    """Only the router trains; the constituents are frozen."""
+    model.requires_grad_(False)
+    model.router.requires_grad_(True)
+
+
+HOOKS = Hooks(
+    build=build_routing,
+    save=save_routing,
+    manifest=MANIFEST,
+    load=load_routing,
+    trainable=_router_only,
+)
