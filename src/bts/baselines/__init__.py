@@ -20,34 +20,21 @@ from bts.errors import BtsError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-# Fields that must agree for weights to line up tensor by tensor.
-SHAPE_FIELDS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "tie_word_embeddings",
-)
-
-
 def check_family(seed_dir: Path, expert_dirs: Mapping[str, Path]) -> PretrainedConfig:
     """Return the seed's config after checking every expert has the seed's shapes and a tokenizer."""
     if not expert_dirs:
         raise BtsError("no experts given: pass at least one expert directory")
+    from bts.arch import mismatch  # the one shape check; loads no model code
+
     seed = _load_config("seed", seed_dir)
     for name, path in expert_dirs.items():
-        expert = _load_config(f"expert {name!r}", path)
-        for field in SHAPE_FIELDS:
-            ours, theirs = getattr(expert, field, None), getattr(seed, field, None)
-            if ours != theirs:
-                raise BtsError(
-                    f"expert {name!r} has {field}={ours} but the seed has {theirs}: "
-                    "experts must be branched from the seed"
-                )
+        found = mismatch(seed, _load_config(f"expert {name!r}", path), "merge")
+        if found is not None:  # weights must line up tensor by tensor
+            field, ours, theirs = found
+            raise BtsError(
+                f"expert {name!r} has {field}={ours} but the seed has {theirs}: "
+                "experts must be branched from the seed"
+            )
     return seed
 
 
