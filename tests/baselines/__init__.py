@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from helpers import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 TINY_LLAMA = dict(
     vocab_size=128,
@@ -16,6 +17,7 @@ TINY_LLAMA = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     tie_word_embeddings=True,
+    max_position_embeddings=2048,  # Llama's default
 )
 
 
@@ -35,8 +37,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_seed(**overrides) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
+    return tiny_model("llama-tied", 0, **{**TINY_LLAMA, **overrides})
 
 
 def branch(seed: LlamaForCausalLM, noise_seed: int, scale: float = 0.05) -> LlamaForCausalLM:

@@ -32,7 +32,7 @@ def _ids():
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A run directory (hub, experts a and b, stitched) and the logits of the saved model."""
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     root = tmp_path_factory.mktemp("run")
     for name, seed in (("hub", 0), ("a", 1), ("b", 2)):
