@@ -30,7 +30,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from bts.heads import crop_output_state
+from bts.generation import crop_cache
 from bts.models import HUB
 from bts.spec import StitchPoint, StitchSpec
 from bts.stitch import StitchedModel
@@ -145,8 +145,7 @@ class StitchedCache(Cache):
 
     def crop(self, max_length: int) -> None:
         length = max_length if max_length >= 0 else self.get_seq_length() + max_length
-        crop_output_state(self.inner, length)
-        self._each("crop", max_length)
+        crop_cache(self.inner, length)
 
     def reset(self) -> None:
         self._each("reset")
