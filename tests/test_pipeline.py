@@ -384,3 +384,59 @@ def test_repeat_retrains_trained_systems_with_other_seeds_and_reports_ties(smoke
     assert again.exit_code == 0, again.output
     after = {p: p.stat().st_mtime_ns for p in (smoke_run / "repeats").rglob("*") if p.is_file()}
     assert after == before  # nothing re-trained or re-scored
+
+
+# --- pretrained experts (experts.pretrained) --------------------------------------------------
+
+
+def _byo_config(smoke_run: Path, tmp_path: Path, experts: dict[str, Path], **more) -> Path:
+    """The smoke run's seed and some of its experts, given as models from outside."""
+    config = yaml.safe_load(SMOKE.read_text())
+    config["seed_model"] = {"kind": "pretrained", "path": str(smoke_run / "seed")}
+    config["experts"] = {"domains": [], "pretrained": {n: str(p) for n, p in experts.items()}}
+    config["baselines"] = {"btx": None, "bam": None, "merges": [{"method": "linear"}]}
+    config.update(more)
+    path = tmp_path / "byo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_pretrained_experts_are_stitched_and_reported_without_training(smoke_run, tmp_path):
+    from bts.models import load_causal_lm, weights_sha256
+
+    given = {"code": smoke_run / "experts/code", "math": smoke_run / "experts/math",
+             "other": smoke_run / "experts/prose"}  # `other` is no data domain
+    run = tmp_path / "byo"
+    result = bts("run", _byo_config(smoke_run, tmp_path, given), "--out", run)
+    assert result.exit_code == 0, result.output
+    assert not (run / "train" / "experts").exists() and not (run / "branches").exists()
+    for name, source in given.items():  # imported as they are
+        assert weights_sha256(load_causal_lm(run / "experts" / name)) == weights_sha256(
+            load_causal_lm(source)
+        )
+    manifest = json.loads((run / "stitched" / "bts_stitch.json").read_text())
+    assert sorted(manifest["experts"]) == ["code", "math", "other"]
+    report = json.loads((run / "report.json").read_text())
+    assert {"bts", "btm", "expert:other", "bts-minus:other"} <= set(report["systems"])
+    assert report["systems"]["expert:other"]["train_tokens"] == 0
+    assert (run / "report.md").is_file()
+
+
+def test_a_pretrained_expert_with_another_tokenizer_is_refused_before_any_work(
+    smoke_run, tmp_path
+):
+    import shutil
+
+    from bts.data.tokenizer import train_tokenizer
+
+    odd = tmp_path / "odd"
+    shutil.copytree(smoke_run / "experts/code", odd)
+    for f in odd.glob("tokenizer*"):
+        f.unlink()
+    train_tokenizer(["quite other words entirely"] * 20, 300, odd)
+    run = tmp_path / "refused"
+    result = bts("run", _byo_config(smoke_run, tmp_path, {"odd": odd}), "--out", run)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "pretrained expert 'odd'" in lines[0] and "another tokenizer" in lines[0]
+    assert not run.exists()  # nothing written

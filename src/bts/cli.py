@@ -134,6 +134,8 @@ def run(config: Config, out: Out = None) -> None:
     _timed("branch", stages.branch, r)
     for domain in r.config.expert_domains:
         _timed(f"expert {domain}", stages.train_expert, r, domain)
+    for name in r.config.experts.pretrained:  # checked against the seed, never trained
+        _timed(f"expert {name} (pretrained)", stages.import_expert, r, name)
     _timed("stitch", stages.stitch, r)
     if r.config.bts_heads is not None:
         _timed("stitch heads", stages.stitch_heads, r)

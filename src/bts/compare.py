@@ -28,7 +28,7 @@ from bts.fileio import STITCH_MANIFEST, write_json
 from bts.models import load_causal_lm
 from bts.progress import progress
 from bts.report import write_report
-from bts.stages import Run, baselines, make_seed, once, stitch, stitch_heads, train_expert
+from bts.stages import Run, baselines, expert, make_seed, once, stitch, stitch_heads
 from bts.stitch import EXPERTS_INTO_HUB, OUTPUT, StitchedModel
 from bts.train import RESULT
 
@@ -41,12 +41,13 @@ HEADS_MINUS = "bts_heads-minus:"
 def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path]]]:
     """(name, loader, training stage whose tokens/seconds it reports, the directories whose files
     make the system) for every system."""
-    domains = run.config.expert_domains
+    names, trained = run.config.expert_names, run.config.expert_domains
     seed = make_seed(run)
-    experts = {d: train_expert(run, d) for d in domains}
+    experts = {d: expert(run, d) for d in names}
     yield "seed", lambda: load_causal_lm(seed), "seed", [seed]
-    for d in domains:
-        yield f"expert:{d}", lambda d=d: load_causal_lm(experts[d]), f"experts/{d}", [experts[d]]
+    for d in names:  # a pretrained expert has no training stage here
+        stage = f"experts/{d}" if d in trained else None
+        yield f"expert:{d}", lambda d=d: load_causal_lm(experts[d]), stage, [experts[d]]
     stitched = stitch(run)
     yield "bts", lambda: StitchedModel.from_pretrained(stitched), "stitch", [stitched]
     heads = stitch_heads(run) if run.config.bts_heads is not None else None
@@ -60,10 +61,11 @@ def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path
     for name, path in built.items():
         stage = _baseline_stage(run, name)
         yield name, lambda n=name, p=path: load_baseline(n, p), stage, [path]
-    if len(domains) > 1:
-        for d in domains:
+    removable = run.config.stitched_experts
+    if len(removable) > 1:
+        for d in removable:
             yield f"{MINUS}{d}", lambda d=d: _without(stitched, d), None, [stitched]
-        for d in domains if heads is not None else []:
+        for d in removable if heads is not None else []:
             yield f"{HEADS_MINUS}{d}", lambda d=d: _without(heads, d), None, [heads]
 
 
@@ -183,12 +185,12 @@ def _stitched_active(model: StitchedModel) -> int:
     mixes the experts' own heads: then all of each expert runs)."""
     count = sum(p.numel() for p in model.hub.parameters())
     count += sum(p.numel() for p in model.stitch_parameters())
-    for name, expert in model.experts.items():
+    for name, constituent in model.experts.items():
         if model.output is not None:
-            count += sum(p.numel() for p in expert.parameters())
+            count += sum(p.numel() for p in constituent.parameters())
             continue
-        count += expert.get_input_embeddings().weight.numel()
-        blocks = adapter(expert, name).layers[: model.expert_depth]
+        count += constituent.get_input_embeddings().weight.numel()
+        blocks = adapter(constituent, name).layers[: model.expert_depth]
         count += sum(p.numel() for p in blocks.parameters())
     return count
 

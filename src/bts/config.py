@@ -139,9 +139,14 @@ class PretrainedSeed(Strict):
 
 
 class ExpertsConfig(Strict):
-    """Continued pretraining of one copy of the seed per domain, independently."""
+    """Continued pretraining of one copy of the seed per domain, independently; and experts
+    trained elsewhere, stitched as they are (`pretrained`, docs/bring-your-own.md)."""
 
-    domains: list[str] | None = Field(None, min_length=1)  # default: every data domain
+    # default: every data domain not named in `pretrained`; [] trains no expert
+    domains: list[str] | None = None
+    # name -> a model directory, a .gguf file or package:NAME; never trained. A name that is a
+    # data domain gets that domain's held-out rows and gate analysis
+    pretrained: dict[str, str] = {}
     # False keeps embeddings, final norm and LM head at the seed's (docs/pipeline.md)
     train_embeddings: bool = True
     batch_size: PositiveCount = 16
@@ -290,12 +295,20 @@ class RunConfig(Strict):
 
     @property
     def expert_domains(self) -> list[str]:
-        return self.experts.domains or self.data.names
+        """The experts this run trains, one per domain."""
+        if self.experts.domains is not None:
+            return self.experts.domains
+        return [d for d in self.data.names if d not in self.experts.pretrained]
+
+    @property
+    def expert_names(self) -> list[str]:
+        """Every expert: those trained here, then the pretrained ones."""
+        return [*self.expert_domains, *self.experts.pretrained]
 
     @property
     def stitched_experts(self) -> list[str]:
         """Experts the stitch stage joins (the hub, if it is an expert, is not among them)."""
-        chosen = self.stitch.experts or self.expert_domains
+        chosen = self.stitch.experts or self.expert_names
         return [d for d in chosen if d != self.stitch.hub]
 
     def heads_config(self) -> RunConfig:
@@ -308,7 +321,11 @@ class RunConfig(Strict):
 
     @property
     def stitch_domains(self) -> list[str]:
-        return self.stitch.domains or self.stitch.experts or self.expert_domains
+        """The stitch mix: the data domains among the stitched experts (all, if none is one)."""
+        if self.stitch.domains:
+            return self.stitch.domains
+        chosen = [d for d in (self.stitch.experts or self.expert_names) if d in self.data.names]
+        return chosen or self.data.names
 
     @pydantic.model_validator(mode="after")
     def _experts_have_data(self):
@@ -322,12 +339,13 @@ class RunConfig(Strict):
                 setattr(owner, key, [by_source.get(n, n) for n in names])
         self.stitch.hub = by_source.get(self.stitch.hub, self.stitch.hub)
         _check_listed(self.experts.domains, "experts.domains", self.data.names, "in data.domains")
+        _check_pretrained(self.experts)
         stitch = self.stitch
-        if stitch.hub != "seed" and stitch.hub not in self.expert_domains:
+        if stitch.hub != "seed" and stitch.hub not in self.expert_names:
             raise ValueError(
-                f"stitch.hub '{stitch.hub}' is neither 'seed' nor an expert {self.expert_domains}"
+                f"stitch.hub '{stitch.hub}' is neither 'seed' nor an expert {self.expert_names}"
             )
-        _check_listed(stitch.experts, "stitch.experts", self.expert_domains, "experts")
+        _check_listed(stitch.experts, "stitch.experts", self.expert_names, "experts")
         _check_listed(stitch.domains, "stitch.domains", self.data.names, "in data.domains")
         if not self.stitched_experts and stitch.hub == "seed":
             raise ValueError("stitch.experts leaves no expert to stitch")
@@ -337,6 +355,25 @@ class RunConfig(Strict):
                 _check_listed(list(mix.weights), f"{section}.mix.weights", self.data.names,
                               "in data.domains")
         return self
+
+
+def _check_pretrained(experts: ExpertsConfig) -> None:
+    if experts.domains == [] and not experts.pretrained:
+        raise ValueError(
+            "experts.domains needs at least 1 domain, or experts.pretrained to stitch models "
+            "trained elsewhere"
+        )
+    both = sorted(set(experts.domains or []) & set(experts.pretrained))
+    if both:
+        raise ValueError(
+            f"experts {both} are both trained (experts.domains) and pretrained: name each once"
+        )
+    for name in experts.pretrained:
+        if not name or "." in name or name in ("hub", "seed"):
+            raise ValueError(
+                f"experts.pretrained name '{name}' is not allowed: use a non-empty name without "
+                "'.' that is not 'hub' or 'seed'"
+            )
 
 
 def _check_listed(names: list[str] | None, key: str, allowed: list[str], where: str) -> None:

