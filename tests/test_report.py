@@ -565,3 +565,13 @@ def test_report_opens_with_what_it_shows_and_links_the_heatmap(tmp_path: Path) -
     md = write_report(tmp_path, logs={}).read_text()
     assert "loss_vs_seed.png" not in md and not (tmp_path / "loss_vs_seed.png").exists()
     assert "## What this run shows" in md
+
+
+def test_baselines_left_out_are_named_with_their_reason(tmp_path: Path) -> None:
+    systems = {"bts": _system([1.45, 1.70, 2.00], {}), "btm": _system([1.40, 1.60, 1.90], {})}
+    why = "expert 'wide' has hidden_size 64 against the seed's 32: it needs one shape"
+    report = {"systems": systems, "domains": DOMAINS, "skipped": {"linear": why}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    md = write_report(tmp_path).read_text()
+    assert f"Not run here: `linear` ({why})." in md
+    assert "linear" not in {r["system"].strip("`") for r in _tables(md)["Results"]}

@@ -28,7 +28,17 @@ from bts.fileio import STITCH_MANIFEST, write_json
 from bts.models import load_causal_lm
 from bts.progress import progress
 from bts.report import write_report
-from bts.stages import Run, baselines, expert, make_seed, once, stitch, stitch_heads
+from bts.stages import (
+    Run,
+    baseline_systems,
+    baselines,
+    expert,
+    make_seed,
+    once,
+    shape_difference,
+    stitch,
+    stitch_heads,
+)
 from bts.stitch import EXPERTS_INTO_HUB, OUTPUT, StitchedModel
 from bts.train import RESULT
 
@@ -54,7 +64,7 @@ def systems(run: Run) -> Iterator[tuple[str, SystemLoader, str | None, list[Path
     if heads is not None:
         yield HEADS, lambda: StitchedModel.from_pretrained(heads), "stitch_heads", [heads]
     built = baselines(run)
-    for system in registry.enabled_systems(run.config.baselines):
+    for system in baseline_systems(run.config):
         if system.baseline.kind is None:  # nothing built (BTM): made from the seed and experts
             inputs = [seed, *experts.values()]
             yield system.name, lambda s=system: s.hooks.assemble(seed, experts), None, inputs
@@ -354,6 +364,9 @@ def compare(run: Run) -> Path:
         report["systems"][name] = entry["summary"]
         if "gates" in entry:  # bts's stitch gates, bts_heads's output gate
             gates = {**(gates or {}), **entry["gates"]}
+    skipped = _skipped(run)
+    if skipped:
+        report["skipped"] = skipped
     for alias, system in registry.aliases(run.config.baselines).items():  # `btx`: the default
         if system in report["systems"]:
             report["systems"][alias] = {"alias_of": system, **report["systems"][system]}
@@ -364,6 +377,17 @@ def compare(run: Run) -> Path:
     if gates is not None:
         write_json(run.path("gates.json"), gates)
     return write_report(run.root)
+
+
+def _skipped(run: Run) -> dict[str, str]:
+    """Baselines the config enables that this run could not build, with the reason."""
+    reason = shape_difference(run.config)
+    built = {s.name for s in baseline_systems(run.config)}
+    return {
+        s.name: f"{reason}: it needs every expert in the seed's shape"
+        for s in registry.enabled_systems(run.config.baselines)
+        if s.name not in built
+    }
 
 
 def _same(a: dict | None, b: dict) -> bool:

@@ -458,13 +458,15 @@ def _results_section(report: Mapping[str, Any]) -> str:
     aliases = [
         f"`{n}` is `{s['alias_of']}`" for n, s in report["systems"].items() if "alias_of" in s
     ]
+    skipped = [f"`{name}` ({why})" for name, why in (report.get("skipped") or {}).items()]
     return "\n\n".join(
         [
             "## Results",
             "Held-out loss per domain (lower is better, ↓) and task accuracy (higher is "
             "better, ↑); the best value of each column is in bold. Parameters: all the "
             "system holds, those its own stage trained, and those that compute one token."
-            + (f" ({'; '.join(aliases)}.)" if aliases else ""),
+            + (f" ({'; '.join(aliases)}.)" if aliases else "")
+            + (f" Not run here: {'; '.join(skipped)}." if skipped else ""),
             _table(header, rows),
         ]
     )

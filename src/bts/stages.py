@@ -28,6 +28,7 @@ from accelerate import PartialState
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from bts import pretrained
+from bts.arch import mismatch
 from bts.baselines import registry
 from bts.config import MixConfig, RunConfig, StitchConfig, dump_config
 from bts.data.domains import BUILTIN_DOMAINS, load_domain, train_texts
@@ -127,7 +128,8 @@ class Run:
 
     def outputs(self) -> dict[Path, str]:
         """Every directory the config's stages write, with the kind of bts output it is."""
-        config, baselines = self.config, registry.outputs(self.config.baselines)
+        config = self.config
+        baselines = {s.name: s.baseline.kind for s in baseline_systems(config) if s.baseline.kind}
         names = ["seed", *(f"branches/{d}" for d in config.expert_domains)]
         names += [f"experts/{d}" for d in config.expert_names]
         names += [f"baselines/{n}" for n, kind in baselines.items() if kind == "model"]
@@ -568,9 +570,31 @@ def baselines(run: Run) -> dict[str, Path]:
     experts = {d: expert(run, d) for d in run.config.expert_names}
     return {
         system.name: _baseline(run, system, seed, experts)
-        for system in registry.enabled_systems(run.config.baselines)
+        for system in baseline_systems(run.config)
         if system.baseline.kind is not None
     }
+
+
+def baseline_systems(config: RunConfig) -> list[registry.System]:
+    """The baseline systems this run builds: those the config enables, less the ones that
+    need every expert in the seed's shape when a pretrained expert has another."""
+    skip = shape_difference(config) is not None
+    return [s for s in registry.enabled_systems(config.baselines) if not (skip and s.baseline.one_shape)]
+
+
+def shape_difference(config: RunConfig) -> str | None:
+    """Why merges, BTX and BAM cannot run here (a pretrained expert of another shape or
+    family than the seed), or None. Read from configs, no weights."""
+    if not config.experts.pretrained or config.seed_model.kind != "pretrained":
+        return None  # experts trained here always have the seed's shape
+    seed = pretrained.read_config(seed_path(config.seed_model), "the seed")
+    for name, source in config.experts.pretrained.items():
+        path = pretrained.resolve(source, f"pretrained expert '{name}'")
+        found = mismatch(seed, pretrained.read_config(path, name), "merge")
+        if found is not None:
+            field, ours, theirs = found
+            return f"expert '{name}' has {field} {ours} against the seed's {theirs}"
+    return None
 
 
 def _baseline(run: Run, system: registry.System, seed: Path, experts: dict[str, Path]) -> Path:

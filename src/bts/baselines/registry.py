@@ -88,6 +88,8 @@ class Baseline:
     lr: Callable[[Any], float | None] = lambda spec: None  # None: the stitch stage's rate
     aliases: Callable[[Any], dict[str, str]] = lambda config: {}  # extra row -> system
     check: Callable[[Any], None] | None = None  # a check across its keys (raises ValueError)
+    # its weights line up with the seed's tensor by tensor: every expert in the seed's shape
+    one_shape: bool = False
 
     @property
     def hooks(self) -> Hooks:
@@ -154,6 +156,7 @@ BASELINES: tuple[Baseline, ...] = (
         rows=MERGES,  # the experts-only soup sorts with the systems the report does not know
         place=0,
         single_model=(*MERGES, "soup", EXPERTS_ONLY_SOUP),  # `soup`: as the report always had it
+        one_shape=True,
     ),
     Baseline(
         module="bts.baselines.btx",
@@ -168,6 +171,7 @@ BASELINES: tuple[Baseline, ...] = (
         rows=(*BTX_SYSTEMS, "btx"),
         place=3,
         single_model=BTX_SYSTEMS,
+        one_shape=True,
         lr=lambda spec: BASELINE_LR["btx"] if spec.train_all else None,  # routers only: stitch's
         aliases=lambda config: {} if config.btx is None else {"btx": f"btx_{config.btx.routing}"},
     ),
@@ -214,6 +218,7 @@ BASELINES: tuple[Baseline, ...] = (
         rows=("bam", "bam_adapters"),
         place=4,
         single_model=("bam", "bam_adapters"),
+        one_shape=True,
         lr=lambda spec: BASELINE_LR["bam" if spec.train_all else "bam_adapters"],
         check=_bam_adapters_has_adapters,
     ),
