@@ -331,3 +331,64 @@ def test_expert_names_that_cannot_be_keys_are_refused(make_model, name):
     model = trained(make_model, "llama-tied", n_experts=1)
     with pytest.raises(BtsError, match="is not allowed"):
         model.add_expert(name, make_model(seed=7))
+
+
+# --- memory: frozen constituents in bf16, recomputed activations ------------------------------
+
+
+def test_recomputed_frozen_blocks_give_the_same_loss_and_gradients(make_model, monkeypatch):
+    import bts.stitch as stitch_module
+
+    model = trained(make_model, "qwen2-untied", gate_dropout=0.0)
+    model.train_only()
+    model.train()
+    ids, mask = batch()
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept = loss_and_grads()
+    calls = []
+    real = stitch_module.checkpoint
+    monkeypatch.setattr(stitch_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.set_inference(checkpoint_frozen=True)
+    recomputed = loss_and_grads()
+    assert calls  # the blocks did go through torch.utils.checkpoint
+    torch.testing.assert_close(recomputed[0], kept[0], rtol=0, atol=0)
+    assert recomputed[1].keys() == kept[1].keys() and all(n.startswith("stitches.") for n in kept[1])
+    for name, grad in kept[1].items():
+        torch.testing.assert_close(recomputed[1][name], grad, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_constituents_keep_fp32_stitches_and_the_hub_at_init(make_model, tmp_path):
+    models = {n: make_model("llama-tied", seed=s).to(torch.bfloat16)
+              for s, n in enumerate(["hub", "a", "b"])}
+    for name, m in models.items():
+        m.save_pretrained(tmp_path / name)
+    load = type(models["hub"]).from_pretrained
+    hub = load(tmp_path / "hub", dtype=torch.bfloat16)
+    experts = {n: load(tmp_path / n, dtype=torch.bfloat16) for n in ("a", "b")}
+    model = StitchedModel.from_models(hub, experts, num_stitches=2, gate_dropout=0.0)
+    assert all(p.dtype == torch.float32 for p in model.stitch_parameters())
+    ids, mask = batch()
+    model.set_inference(batched=False)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():  # a = 0: exactly the bf16 hub
+        assert torch.equal(model.eval()(ids).logits, hub(ids).logits)
+        ours = model(ids, attention_mask=mask).logits
+        theirs = hub(ids, attention_mask=mask, position_ids=positions).logits
+        assert torch.equal(ours[mask.bool()], theirs[mask.bool()])
+    model.train_only()
+    model.train()(ids, attention_mask=mask, labels=ids).loss.backward()
+    grads = [p.grad for p in model.stitch_parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)
+    randomise_stitches(model)
+    model.save_pretrained(tmp_path / "stitched")
+    loaded = StitchedModel.from_pretrained(tmp_path / "stitched").eval()
+    assert next(loaded.hub.parameters()).dtype == torch.bfloat16
+    loaded.set_inference(batched=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, model.eval()(ids, attention_mask=mask).logits)

@@ -190,6 +190,11 @@ class StitchConfig(Strict):
     init: Literal["identity", "uniform", "uniform_into_hub", "random"] = "uniform_into_hub"
     gate_dropout: float = Field(0.1, ge=0, lt=1)
     gate_gain: PositiveFloat = 1.0  # docs/stitching.md
+    # how the frozen hub and experts are stored (stitch parameters and optimiser state stay
+    # fp32; docs/scaling.md measures the loss against fp32)
+    constituent_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # recompute the frozen blocks' activations in the backward pass: less memory, same result
+    checkpoint_frozen: bool = False
     batch_size: PositiveCount = 16
     mix: MixConfig = MixConfig()
     train: TrainConfig = TrainConfig(steps=150, lr=3e-3, warmup_steps=10)

@@ -49,7 +49,9 @@ class InferenceOptions:
       at a time, up to batch `assistant_max_batch` (a batch keeps the smallest agreement over
       its rows, and at batch 8 that made speculative decoding slower than plain, measured);
     - prune_threshold: skip an expert for a whole sequence when its experts-into-hub gate mass on
-      the prompt is below this (None: never); it changes outputs, so it is off by default.
+      the prompt is below this (None: never); it changes outputs, so it is off by default;
+    - checkpoint_frozen: in train mode on the loop, frozen blocks recompute their activations
+      in the backward pass (torch.utils.checkpoint) instead of keeping them.
     """
 
     batched: bool = True
@@ -58,6 +60,9 @@ class InferenceOptions:
     num_assistant_tokens: int = 4
     assistant_max_batch: int = 1
     prune_threshold: float | None = None
+    # stitch training recomputes the frozen blocks' activations in the backward pass instead
+    # of keeping them (`stitch.checkpoint_frozen`): less memory, same loss and gradients
+    checkpoint_frozen: bool = False
 
     def __post_init__(self):
         if self.num_assistant_tokens < 1:

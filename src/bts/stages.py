@@ -45,7 +45,7 @@ from bts.fileio import (
     write_json,
     write_text,
 )
-from bts.models import freeze_output_space, load_causal_lm
+from bts.models import MANIFEST_DTYPES, freeze_output_space, load_causal_lm
 from bts.stitch import StitchedModel
 from bts.stitch_io import stitched_inputs
 from bts.train import RESULT, TrainConfig, TrainResult, train
@@ -454,8 +454,8 @@ def _only_expert(config: RunConfig, name: str) -> RunConfig:
     return config.model_copy(update={"experts": experts})
 
 
-def load_models(paths: dict[str, Path]) -> dict[str, PreTrainedModel]:
-    return {name: load_causal_lm(path) for name, path in paths.items()}
+def load_models(paths: dict[str, Path], dtype=None) -> dict[str, PreTrainedModel]:
+    return {name: load_causal_lm(path, dtype) for name, path in paths.items()}
 
 
 def stitch(run: Run) -> Path:
@@ -491,11 +491,13 @@ def build_stitched(run: Run, config: RunConfig) -> StitchedModel:
         hub = make_seed(run)
     else:  # an expert as the hub (paper ablation): the seed becomes one of the spokes
         hub, spokes = expert(run, spec.hub), {"seed": make_seed(run), **spokes}
-    hub_model = load_causal_lm(hub)
+    dtype = MANIFEST_DTYPES[spec.constituent_dtype]
+    hub_model = load_causal_lm(hub, dtype)
     layers = hub_model.config.num_hidden_layers
-    return StitchedModel(
-        hub_model, load_models(spokes), spec.spec(layers, seed=config.seed + spec.train.seed)
+    model = StitchedModel(
+        hub_model, load_models(spokes, dtype), spec.spec(layers, seed=config.seed + spec.train.seed)
     )
+    return model.set_inference(checkpoint_frozen=spec.checkpoint_frozen)
 
 
 def stitch_sampler(run: Run, domains: list[str], spec: StitchConfig) -> MixSampler:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -468,12 +469,12 @@ class StitchedModel(nn.Module):
         streams = {name: dec.embed(input_ids) for name, dec in models.items()}
         contexts = {name: dec.context(streams[name], attention_mask, caches.get(name), positions)
                     for name, dec in models.items()}
-        records = []
+        records, recompute = [], self.training and self.inference.checkpoint_frozen
         for index in range(self.hub.config.num_hidden_layers):
             for name, dec in models.items():
                 if name == HUB or index < self.expert_depth:
-                    streams[name] = dec.block(index, streams[name], positions, contexts[name],
-                                              caches.get(name))
+                    streams[name] = _block(dec, recompute, index, streams[name], positions,
+                                           contexts[name], caches.get(name))
             if str(index) in self.stitches:
                 hub, experts = self.apply_stitch(index, streams, names, keep, return_gates, records)
                 streams.update({HUB: hub, **experts})
@@ -481,13 +482,14 @@ class StitchedModel(nn.Module):
 
     def apply_stitch(self, index, streams, names, keep, return_gates, records):
         """The stitch after block `index` on the streams; its gates recorded if asked."""
-        stitch = self.stitches[str(index)]
-        experts = {n: streams[n] for n in names}
-        hub, experts, gates = stitch(streams[HUB], experts, names=names, keep=keep)
+        stitch, dtype = self.stitches[str(index)], streams[HUB].dtype
+        # bf16 constituents (`stitch.constituent_dtype`): stitch maths in fp32, streams back
+        experts = {n: streams[n].float() for n in names}
+        hub, experts, gates = stitch(streams[HUB].float(), experts, names=names, keep=keep)
         if return_gates:
             sources = [HUB, *names] if stitch.kind == EXPERTS_INTO_HUB else list(names)
             records.append(GateRecord(index, stitch.kind, sources, gates.detach().mean(dim=-1)))
-        return hub, experts
+        return hub.to(dtype), {n: e.to(dtype) for n, e in experts.items()}
 
     def final_streams(self, streams, names) -> dict[str, torch.Tensor]:
         """The experts' last states, kept only for the output stitch (which applies their
@@ -515,3 +517,11 @@ def _active_experts(
     running = [i for i in range(len(names)) if bool(expert_keep[:, i].any())]
     keep = expert_keep[:, running]
     return [names[i] for i in running], None if bool(keep.all()) else keep
+
+
+def _block(dec, recompute: bool, *args) -> torch.Tensor:
+    """A constituent's block; with `recompute` its activations are recomputed in the backward
+    pass instead of kept (frozen weights and no dropout: the same loss and gradients)."""
+    if recompute:
+        return checkpoint(dec.block, *args, use_reentrant=False)
+    return dec.block(*args)
