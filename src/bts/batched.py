@@ -74,6 +74,20 @@ def unstackable_reason(models: list[nn.Module], depth: int) -> str | None:
     return None
 
 
+def _depth_reason(model) -> str | None:
+    """Why an expert cannot share the hub's stacks by depth: one stack per hub block needs every
+    expert to be read after the hub's own block index at each stitch point, and to run as many
+    blocks as the hub does alongside (None if all do)."""
+    hub = model.block_stops(HUB)[:-1]
+    for name, depth in model.expert_depths.items():
+        if model.block_stops(name)[:-1] != hub or depth != model.expert_depth:
+            return (
+                f"expert '{name}' is read after blocks {list(model.depth_maps[name])} where the "
+                f"hub's are {[stop - 1 for stop in hub]} (another depth)"
+            )
+    return None
+
+
 def _config_reason(hub, config) -> str | None:
     found = mismatch(hub, config, "stack")
     if found is not None:
@@ -388,7 +402,7 @@ class BatchedExecutor:
         signature = tuple((id(m), next(m.parameters()).data_ptr()) for m in models)
         if self.unstackable is not None and self.unstackable[0] == signature:
             return None
-        reason = unstackable_reason(models, model.expert_depth)
+        reason = unstackable_reason(models, model.expert_depth) or _depth_reason(model)
         if reason is not None:
             self.unstackable, self.stacked = (signature, reason), None
             return None
