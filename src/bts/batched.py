@@ -1,7 +1,7 @@
 """Batched constituents: the blocks of hub and experts run as one computation over stacked weights.
 
-Experts are branched from the hub, so at every depth the N+1 constituents' blocks have the same
-shapes. Instead of N+1 small forwards per block (each with transformers' per-module overhead),
+Experts branched from the hub have, at every depth, blocks of the hub's shapes (a set with an
+expert of another width or depth runs the model's loop instead: `unstackable_reason`). Instead of N+1 small forwards per block (each with transformers' per-module overhead),
 we keep each block's weights stacked along a leading model dimension and run one batched matmul
 per projection (`torch.bmm`), one attention call over a (models x batch) batch, one norm.
 

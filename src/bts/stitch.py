@@ -8,7 +8,9 @@ their hidden states (paper Eq. 3 and 4):
 
 Gates are per hidden dimension and computed from the hub's state only (RMS-normalised first: the
 paper states no norm, docs/stitching.md says why). Logits come from the hub's final norm and LM
-head. Only stitch parameters train; hub and experts are frozen.
+head. Only stitch parameters train; hub and experts are frozen. An expert may have another width
+(P_i is d_0 x d_i) or depth (a stitch after hub block l reads it after block depth_maps[i][k], at
+the same relative depth by default): docs/bring-your-own.md.
 
 Our addition for initialisation (docs/stitching.md): a per-expert, per-dimension scale a_i >= 0, initialised to 0,
 that weights expert i inside the softmax (g_i = a_i e^{l_i} / (e^{l_0} + sum_j a_j e^{l_j})) and

@@ -7,7 +7,8 @@ keyed by name in `ALL_ATTENTION_FUNCTIONS`).
 An adapter also says how the batched kernels (bts.batched) group a block's weights, or that they
 cannot (`stack_groups = None`: such a family always runs the per-model loop). A new family is
 one file in this package that subclasses `Adapter` and calls `register`; `llama.py` covers the
-Llama layout, which Mistral and Qwen2 share.
+Llama layout, which Mistral and Qwen2 share; `qwen3.py` and `gemma.py` (Gemma 2 and 3) the
+families that differ from it in the batched kernels or the head.
 
 `compatible` is the one shape check: which config fields must agree for stitching, for the
 batched kernels, and for weight merges (tensor by tensor), with the first disagreement named.
