@@ -64,9 +64,7 @@ def hub_logits(model, ids, mask):
 def test_a_mixed_set_is_exactly_the_hub_at_initialisation(output):
     model = mixed(output=output).eval()
     assert model.depth_maps == {"wide": (2, 5), "narrow": (0, 1)}
-    assert model.expert_depths == (
-        {"wide": 6, "narrow": 2} if output == "mixture" else {"wide": 6, "narrow": 2}
-    )
+    assert model.expert_depths == {"wide": 6, "narrow": 2}  # the last point reads the last
     shapes = {n: tuple(p.weight.shape) for n, p in model.stitches["1"].proj.items()}
     assert shapes == {"wide": (48, 32), "narrow": (16, 32)}  # hub-into-experts: d_0 -> d_i
     assert tuple(model.stitches["3"].proj["narrow"].weight.shape) == (32, 16)
@@ -187,6 +185,9 @@ def test_the_same_relative_depth_and_its_refusal():
 
 
 def test_an_explicit_depth_map_round_trips_and_is_checked(tmp_path):
+    assert mixed(depth_maps={"wide": [0, 4]}).expert_depths["wide"] == 5  # block 5 never runs
+    assert mixed(depth_maps={"wide": [0, 4]}, output="mixture").expert_depths["wide"] == 6
+    assert hash(StitchSpec(depth_maps={"wide": [0, 4]}))  # a spec stays hashable
     model = mixed(depth_maps={"wide": [0, 5]})
     assert model.depth_maps["wide"] == (0, 5) and model.depth_maps["narrow"] == (0, 1)
     randomise_stitches(model, seed=2)

@@ -75,7 +75,8 @@ class StitchSpec:
     output_evidence: bool = True
     init: Init = "identity"
     init_seed: int = 0  # seeds the random init (recorded: how the trained weights started)
-    depth_maps: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # a dict (left out of the hash, which the other fields still give)
+    depth_maps: Mapping[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         points = tuple(
