@@ -1,7 +1,7 @@
 """Batched constituents: the blocks of hub and experts run as one computation over stacked weights.
 
-Experts are branched from the hub, so at every depth the N+1 constituents' blocks have the same
-shapes. Instead of N+1 small forwards per block (each with transformers' per-module overhead),
+Experts branched from the hub have, at every depth, blocks of the hub's shapes (a set with an
+expert of another width or depth runs the model's loop instead: `unstackable_reason`). Instead of N+1 small forwards per block (each with transformers' per-module overhead),
 we keep each block's weights stacked along a leading model dimension and run one batched matmul
 per projection (`torch.bmm`), one attention call over a (models x batch) batch, one norm.
 
@@ -71,6 +71,20 @@ def unstackable_reason(models: list[nn.Module], depth: int) -> str | None:
             hub_rotary, "attention_scaling", 1.0
         ) or not torch.equal(rotary.inv_freq.cpu(), hub_rotary.inv_freq.cpu()):
             return f"constituent {i}: rotary embedding differs from the hub's"
+    return None
+
+
+def _depth_reason(model) -> str | None:
+    """Why an expert cannot share the hub's stacks by depth: one stack per hub block needs every
+    expert to be read after the hub's own block index at each stitch point, and to run as many
+    blocks as the hub does alongside (None if all do)."""
+    hub = model.block_stops(HUB)[:-1]
+    for name, depth in model.expert_depths.items():
+        if model.block_stops(name)[:-1] != hub or depth != model.expert_depth:
+            return (
+                f"expert '{name}' is read after blocks {list(model.depth_maps[name])} where the "
+                f"hub's are {[stop - 1 for stop in hub]} (another depth)"
+            )
     return None
 
 
@@ -388,7 +402,7 @@ class BatchedExecutor:
         signature = tuple((id(m), next(m.parameters()).data_ptr()) for m in models)
         if self.unstackable is not None and self.unstackable[0] == signature:
             return None
-        reason = unstackable_reason(models, model.expert_depth)
+        reason = unstackable_reason(models, model.expert_depth) or _depth_reason(model)
         if reason is not None:
             self.unstackable, self.stacked = (signature, reason), None
             return None

@@ -58,6 +58,9 @@ class BtsStitchedConfig(PretrainedConfig):
 
     hub_config: dict | None = None
     expert_configs: dict | None = None
+    # the stitching order (config.json sorts keys, and the order of the experts fixes the order
+    # of the gates' sums, so a sorted order would change the logits' rounding); None: sorted
+    expert_order: list | None = None
     placement: list | None = None
     gate_dropout: float = 0.1
     gate_gain: float = 1.0
@@ -69,6 +72,7 @@ class BtsStitchedConfig(PretrainedConfig):
     output_evidence: bool = True
     init: str = "identity"
     init_seed: int = 0
+    depth_maps: dict | None = None  # explicit per-expert depth maps (bts.spec.StitchSpec)
     use_cache: bool = True
     # the hub's head is tied or not inside the hub; the wrapper itself ties nothing
     tie_word_embeddings: bool = False
@@ -183,6 +187,7 @@ class BtsStitchedForCausalLM(PreTrainedModel, GenerationMixin):
         config = BtsStitchedConfig(
             hub_config=_config_dict(model.hub.config),
             expert_configs={n: _config_dict(m.config) for n, m in model.experts.items()},
+            expert_order=model.expert_names,
             placement=[[p.after_layer, p.kind] for p in model.spec.placement],
             **model.spec.options(),
             dtype=next(model.parameters()).dtype,
@@ -253,7 +258,7 @@ def _build(config: BtsStitchedConfig) -> StitchedModel:
     hub = AutoModelForCausalLM.from_config(config.constituent_config(HUB))
     experts = {
         name: AutoModelForCausalLM.from_config(config.constituent_config(name))
-        for name in config.expert_configs
+        for name in config.expert_order or config.expert_configs
     }
     placement = tuple(StitchPoint(int(after), kind) for after, kind in config.placement)
     options = {key: getattr(config, key) for key in StitchSpec().options()}

@@ -8,8 +8,8 @@ manifest checks stay light.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from bts.errors import BtsError
@@ -59,7 +59,9 @@ class StitchSpec:
       h_i ("keep", ours) or W_proj_i(h_i) ("project", Eq. 3 and the appendix pseudo-code);
     - output: the hub's head ("hub", the paper's) or a gated mixture of the hub's and the
       experts' own heads ("mixture", bts.heads), mixed in probability or log space;
-    - init: how fresh stitch parameters start (see `Init`); loading saved weights overrides it.
+    - init: how fresh stitch parameters start (see `Init`); loading saved weights overrides it;
+    - depth_maps: per expert, the block (0-based) it is read after at each stitch point, in
+      placement order; an expert left out follows `depth_map` (the same relative depth).
     """
 
     placement: tuple[StitchPoint, ...] = ()
@@ -73,6 +75,8 @@ class StitchSpec:
     output_evidence: bool = True
     init: Init = "identity"
     init_seed: int = 0  # seeds the random init (recorded: how the trained weights started)
+    # a dict (left out of the hash, which the other fields still give)
+    depth_maps: Mapping[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         points = tuple(
@@ -80,6 +84,8 @@ class StitchSpec:
             for p in self.placement
         )
         object.__setattr__(self, "placement", tuple(sorted(points, key=lambda p: p.after_layer)))
+        maps = {str(name): tuple(blocks) for name, blocks in (self.depth_maps or {}).items()}
+        object.__setattr__(self, "depth_maps", maps)
         for key, choices in CHOICES.items():
             if getattr(self, key) not in choices:
                 names = " or ".join(repr(c) for c in choices)
@@ -94,7 +100,13 @@ class StitchSpec:
     def options(self) -> dict:
         """Every field but the placement, by name: what a manifest and an export config record
         beside it (JSON values)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "placement"}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "placement"}
+        return values | {"depth_maps": {n: list(m) for n, m in self.depth_maps.items()}}
+
+    def with_depth_map(self, name: str, blocks: Sequence[int] | None) -> StitchSpec:
+        """This spec with expert `name`'s explicit depth map set (None: removed)."""
+        maps = {n: m for n, m in self.depth_maps.items() if n != name}
+        return replace(self, depth_maps=maps | ({} if blocks is None else {name: tuple(blocks)}))
 
 
 # The paper's layer as written (Sec. 2.3, Eq. 3-4, Appendix B): raw hub state into the gates, no
@@ -142,3 +154,45 @@ def check_placement(placement: Sequence[StitchPoint], layers: int) -> None:
             f"the placement ends with a {last.kind} stitch after layer {last.after_layer}: nothing "
             "reads the experts after the last experts-into-hub stitch, so end with one"
         )
+
+
+def depth_map(placement: Sequence[StitchPoint], hub_layers: int, expert_layers: int) -> list[int]:
+    """The expert block read at each stitch point, at the same relative depth: after hub block l
+    (of L0) comes expert block m(l) = max(1, round((l + 1) * Li / L0)) - 1, halves rounded up
+    (integer arithmetic, so no float decides a tie). The identity when Li = L0; the hub's last
+    block always maps to the expert's last."""
+    return [
+        max(1, (2 * (p.after_layer + 1) * expert_layers + hub_layers) // (2 * hub_layers)) - 1
+        for p in placement
+    ]
+
+
+def check_depth_map(
+    name: str, blocks: Sequence[int], placement: Sequence[StitchPoint], hub_layers: int,
+    expert_layers: int,
+) -> None:
+    """One block per stitch point, each in the expert's range, strictly increasing: between two
+    stitch points every constituent runs at least one block of its own."""
+    afters = [p.after_layer for p in placement]
+    fix = (
+        f"use fewer stitch points (num_stitches) or give StitchSpec.depth_maps['{name}'] "
+        f"{len(afters)} strictly increasing blocks in 0..{expert_layers - 1}"
+    )
+    if len(blocks) != len(afters) or not all(
+        isinstance(b, int) and not isinstance(b, bool) and 0 <= b < expert_layers for b in blocks
+    ):
+        raise BtsError(
+            f"expert '{name}' has depth map {list(blocks)} for stitch points after hub blocks "
+            f"{afters}: {fix}"
+        )
+    for k in range(1, len(blocks)):
+        if blocks[k] <= blocks[k - 1]:
+            lead = (
+                f"expert '{name}' has layers {expert_layers} but the hub has {hub_layers}"
+                if expert_layers != hub_layers else f"expert '{name}' has an explicit depth map"
+            )
+            raise BtsError(
+                f"{lead}: the stitch points after hub blocks {afters[k - 1]} and {afters[k]} "
+                f"would read its blocks {blocks[k - 1]} and {blocks[k]} (depth map "
+                f"{list(blocks)}); {fix}"
+            )

@@ -8,7 +8,9 @@ their hidden states (paper Eq. 3 and 4):
 
 Gates are per hidden dimension and computed from the hub's state only (RMS-normalised first: the
 paper states no norm, docs/stitching.md says why). Logits come from the hub's final norm and LM
-head. Only stitch parameters train; hub and experts are frozen.
+head. Only stitch parameters train; hub and experts are frozen. An expert may have another width
+(P_i is d_0 x d_i) or depth (a stitch after hub block l reads it after block depth_maps[i][k], at
+the same relative depth by default): docs/bring-your-own.md.
 
 Our addition for initialisation (docs/stitching.md): a per-expert, per-dimension scale a_i >= 0, initialised to 0,
 that weights expert i inside the softmax (g_i = a_i e^{l_i} / (e^{l_0} + sum_j a_j e^{l_j})) and
@@ -49,8 +51,10 @@ from bts.spec import (
     StitchKind,
     StitchPoint,
     StitchSpec,
+    check_depth_map,
     check_placement,
     default_placement,
+    depth_map,
 )
 
 __all__ = [  # re-exported: where users and the tests have always found them
@@ -123,15 +127,19 @@ def _stable_exp(logits: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
     return torch.exp((logits - shift).clamp(max=60.0))
 
 
-def _identity_linear(width: int) -> nn.Linear:
-    layer = nn.Linear(width, width, bias=False)
+def _identity_linear(inputs: int, outputs: int) -> nn.Linear:
+    """The identity on the leading min(inputs, outputs) dimensions, zero elsewhere: I itself
+    when the widths agree. A rectangular identity is semi-orthogonal (singular values 1, as a
+    random orthogonal map's) without a random draw, and a round trip hub -> wider expert -> hub
+    is the identity (docs/bring-your-own.md)."""
+    layer = nn.Linear(inputs, outputs, bias=False)
     with torch.no_grad():
-        layer.weight.copy_(torch.eye(width))
+        layer.weight.copy_(torch.eye(outputs, inputs))
     return layer
 
 
-def _zero_linear(width: int, bias: bool = True) -> nn.Linear:
-    layer = nn.Linear(width, width, bias=bias)
+def _zero_linear(inputs: int, outputs: int, bias: bool = True) -> nn.Linear:
+    layer = nn.Linear(inputs, outputs, bias=bias)
     nn.init.zeros_(layer.weight)
     if bias:
         nn.init.zeros_(layer.bias)
@@ -139,7 +147,9 @@ def _zero_linear(width: int, bias: bool = True) -> nn.Linear:
 
 
 class StitchLayer(nn.Module):
-    """One stitch layer: per-expert projections, per-source gates and per-expert scales."""
+    """One stitch layer: per-expert projections, per-source gates and per-expert scales.
+    `width` is the hub's; an expert of another width d_i gets P_i: d_i -> d_0 (experts-into-hub)
+    or P'_i: d_0 -> d_i and a d_i-wide gate and scale (hub-into-experts). Gates read the hub."""
 
     def __init__(
         self,
@@ -166,7 +176,7 @@ class StitchLayer(nn.Module):
         self.scale = nn.ParameterDict()
         self.dropout = nn.Dropout(gate_dropout)
         if kind == EXPERTS_INTO_HUB:
-            self.gate[HUB] = _zero_linear(width, self.gate_bias)
+            self.gate[HUB] = _zero_linear(width, width, self.gate_bias)
         for name in experts:
             self.add_expert(name)
 
@@ -174,11 +184,17 @@ class StitchLayer(nn.Module):
     def experts(self) -> list[str]:
         return list(self.proj.keys())
 
-    def add_expert(self, name: str) -> None:
-        """Fresh parameters for one expert: identity projection, zero gate, scale 0 (a no-op)."""
-        self.proj[name] = _identity_linear(self.width)
-        self.gate[name] = _zero_linear(self.width, self.gate_bias)
-        self.scale[name] = nn.Parameter(torch.zeros(self.width))
+    def add_expert(self, name: str, width: int | None = None) -> None:
+        """Fresh parameters for one expert of `width` (the hub's if None): identity projection,
+        zero gate, scale 0 (a no-op). Experts-into-hub mixes in the hub's d_0 dimensions;
+        hub-into-experts writes the expert's d_i."""
+        width = width or self.width
+        into_hub = self.kind == EXPERTS_INTO_HUB
+        self.proj[name] = _identity_linear(width, self.width) if into_hub else _identity_linear(
+            self.width, width)
+        mixed = self.width if into_hub else width
+        self.gate[name] = _zero_linear(self.width, mixed, self.gate_bias)
+        self.scale[name] = nn.Parameter(torch.zeros(mixed))
 
     def remove_expert(self, name: str) -> None:
         for params in (self.proj, self.gate, self.scale):
@@ -190,18 +206,19 @@ class StitchLayer(nn.Module):
         yield self.scale[name]
 
     def _gate_logits(self, hub: torch.Tensor, sources: list[str]) -> torch.Tensor:
-        """Gate logits of shape [..., len(sources), width], all from the hub's state, one matmul."""
+        """Gate logits [..., sum of the sources' gate widths], all from the hub's state, in one
+        matmul (each source's block in order)."""
         weight = torch.cat([self.gate[s].weight for s in sources])
         bias = torch.cat([self.gate[s].bias for s in sources]) if self.gate_bias else None
         # by default gates read the RMS-normalised hub state, as the hub's own blocks do
         # (pre-norm): the residual stream's scale grows with depth and would otherwise set the
         # gates' temperature; "raw" is Eq. 3-4 as written
         read = F.rms_norm(hub, (self.width,)) if self.gate_input == "rms" else hub
-        logits = self.gate_gain * F.linear(read, weight, bias)
-        return self.dropout(logits.unflatten(-1, (len(sources), self.width)))
+        return self.dropout(self.gate_gain * F.linear(read, weight, bias))
 
     def forward(self, hub: torch.Tensor, experts: dict[str, torch.Tensor], names=None, keep=None):
-        """(new hub state, new expert states, gates [..., sources, width]). `names` restricts
+        """(new hub state, new expert states, gates): experts-into-hub gates [..., sources, d_0],
+        hub-into-experts one [..., d_i] per expert (the widths may differ). `names` restricts
         the layer to some experts (pruning: a left-out expert is exactly one whose scale is 0);
         `keep` [batch, len(names)] in {0, 1} closes an expert for some rows only, the same way."""
         names = self.experts if names is None else list(names)
@@ -210,7 +227,7 @@ class StitchLayer(nn.Module):
         return self._hub_into_experts(hub, experts, names)
 
     def _experts_into_hub(self, hub, experts, names, keep=None):
-        logits = self._gate_logits(hub, [HUB, *names])
+        logits = self._gate_logits(hub, [HUB, *names]).unflatten(-1, (len(names) + 1, self.width))
         # softmax with priors (1, a_1..a_n): weights exactly (1, 0, ..) at a = 0 (Eq. 3 at a = 1)
         scales = [nonnegative(self.gate_gain * self.scale[n]) for n in names]
         priors = torch.stack([hub.new_ones(self.width), *scales])
@@ -230,10 +247,11 @@ class StitchLayer(nn.Module):
     def _hub_into_experts(self, hub, experts, names):
         if not names:
             return hub, experts, hub.new_zeros(*hub.shape[:-1], 0, self.width)
-        scales = [nonnegative(self.gate_gain * self.scale[n], upper=1.0) for n in names]
-        gates = torch.stack(scales) * torch.sigmoid(self._gate_logits(hub, names))
+        scales = torch.cat([nonnegative(self.gate_gain * self.scale[n], upper=1.0) for n in names])
+        gates = (scales * torch.sigmoid(self._gate_logits(hub, names))).split(
+            [self.scale[n].shape[0] for n in names], dim=-1)
         # (1 - s) h_i + s P'_i(h_0), written so that s = 0 returns h_i bit for bit (Eq. 4)
-        updated = {name: experts[name] + gates[..., i, :] * (self.proj[name](hub) - experts[name])
+        updated = {name: experts[name] + gates[i] * (self.proj[name](hub) - experts[name])
                    for i, name in enumerate(names)}
         return hub, updated, gates
 
@@ -296,6 +314,8 @@ class StitchedModel(nn.Module):
         if self.spec.output == "mixture":
             self.output = OutputStitch(self.width, [], self.spec.output_mix,
                                        self.spec.output_evidence)
+        self.depth_maps: dict[str, tuple[int, ...]] = {}  # resolved, for every expert
+        _check_mapped_names(self.spec, experts)
         for name, model in experts.items():
             self.add_expert(name, model)
         initialise(self, self.spec.init, self.spec.init_seed)
@@ -348,29 +368,55 @@ class StitchedModel(nn.Module):
 
     @property
     def expert_depth(self) -> int:
-        """Blocks the experts run: the ones after the last experts-into-hub stitch cannot matter
-        (unless the output stitch reads the experts' own final states)."""
+        """Blocks an expert of the hub's depth runs: the ones after the last experts-into-hub
+        stitch cannot matter (unless the output stitch reads the experts' own final states).
+        `expert_depths` has each expert's own count."""
         if self.output is not None:
             return self.hub.config.num_hidden_layers
         return max(p.after_layer for p in self.placement if p.kind == EXPERTS_INTO_HUB) + 1
 
+    @property
+    def expert_depths(self) -> dict[str, int]:
+        """Blocks each expert runs (its own depth with the output stitch, else up to the block
+        its last stitch point reads)."""
+        return {name: self.block_stops(name)[-1] for name in self.experts}
+
+    def block_stops(self, name: str) -> list[int]:
+        """Blocks constituent `name` has run at each stitch point (placement order), then at
+        the end: a stitch after hub block l reads expert i after its block depth_maps[i][k]."""
+        if name == HUB:
+            return [p.after_layer + 1 for p in self.placement] + [self.config.num_hidden_layers]
+        stops = [block + 1 for block in self.depth_maps[name]]
+        own = self.experts[name].config.num_hidden_layers
+        return [*stops, own if self.output is not None else stops[-1]]
+
     # --- modularity and training --------------------------------------------------------------
 
-    def add_expert(self, name: str, model: PreTrainedModel) -> None:
-        """Stitch in a new frozen expert; its fresh stitch parameters leave the output unchanged."""
+    def add_expert(
+        self, name: str, model: PreTrainedModel, depth_map: Sequence[int] | None = None
+    ) -> None:
+        """Stitch in a new frozen expert (of any depth and width, with the hub's vocabulary);
+        its fresh stitch parameters leave the output unchanged. `depth_map` overrides the
+        spec's map for it, or the same relative depth (bts.spec.depth_map)."""
         _check_name(name, self.expert_names)
         check_compatible(self.hub, adapter(model, f"expert '{name}'").model, name)
+        spec = self.spec if depth_map is None else self.spec.with_depth_map(name, depth_map)
+        self.depth_maps[name] = _resolved_depth_map(spec, name, self.hub, model)
+        self.spec = spec
         self.executor.drop()
         self.experts[name] = freeze(model)
-        for stitch in self.stitch_modules():
-            stitch.add_expert(name)
+        for stitch in self.stitches.values():
+            stitch.add_expert(name, model.config.hidden_size)
+        if self.output is not None:  # its gate reads the hub's state: the expert's width is moot
+            self.output.add_expert(name)
 
     def remove_expert(self, name: str) -> None:
         """Drop an expert and its stitch parameters; the gates renormalise over the rest."""
         if name not in self.experts:
             raise BtsError(f"no expert named '{name}': stitched experts are {self.expert_names}")
         self.executor.drop(leaving=self.experts[name])  # it keeps working on its own
-        del self.experts[name]
+        del self.experts[name], self.depth_maps[name]
+        self.spec = self.spec.with_depth_map(name, None)
         for stitch in self.stitch_modules():
             stitch.remove_expert(name)
 
@@ -428,40 +474,17 @@ class StitchedModel(nn.Module):
         per row (`InferenceOptions.prune_threshold`); one pruned on every row does not run."""
         cache = self.new_cache() if use_cache and past_key_values is None else past_key_values
         names, keep = _active_experts(self.expert_names, expert_keep, input_ids.shape[0])
-        stacks = self._batched_stacks(cache)
+        stacks = _batched_stacks(self, cache)
         run = self._run_looped if stacks is None else partial(self.executor.run, self, stacks)
         hub, finals, records = run(input_ids, attention_mask, cache, return_gates, names, keep)
-        if self.output is None:  # the paper's: the hub's own head
-            logits = adapter(self.hub, HUB).logits(hub[:, -logits_to_keep:])
-            loss = causal_lm_loss(logits, labels) if labels is not None else None
-        else:  # ours: each model's own head, mixed per token (bts.heads)
-            logits, weights, loss = mixed_output(
-                self.output, {HUB: self.hub, **self.experts}, {HUB: hub, **finals}, names, keep,
-                input_ids, attention_mask, cache, logits_to_keep, labels, self.training,
-            )
-            layers = self.hub.config.num_hidden_layers
-            records.append(GateRecord(layers, OUTPUT, [HUB, *names], weights.detach()))
+        logits, loss = _head(self, hub, finals, names, keep, input_ids, attention_mask, cache,
+                             logits_to_keep, labels, records)
         gates = records if return_gates else None
         return StitchedOutput(loss, logits, cache if use_cache else None, gates)
 
-    def _batched_stacks(self, cache):
-        """The stacks when this forward runs batched: with a stacked cache, in eval mode, and in
-        train mode only if asked (`InferenceOptions.batched_training`); never with a per-model
-        cache."""
-        training = self.training and cache is None and not self.inference.batched_training
-        if isinstance(cache, dict) or training:
-            return None
-        stacks = self.executor.stacks(self)
-        if isinstance(cache, StackedCache) and stacks is None:
-            raise BtsError(
-                "this StackedCache belongs to the batched path, which is off or unavailable: "
-                "start again with model.new_cache()"
-            )
-        return stacks
-
     def _run_looped(self, input_ids, attention_mask, caches, return_gates, names, keep):
-        """The reference path (Eq. 3-4): each constituent's blocks in turn, the stitch layers
-        mixing their streams after the blocks they follow."""
+        """The reference path (Eq. 3-4): each constituent runs its own blocks up to the one the
+        next stitch point reads (`block_stops`), then that stitch layer mixes the streams."""
         caches = caches or {}
         past = caches[HUB].get_seq_length() if caches else 0
         positions = position_ids(input_ids, attention_mask, past)
@@ -469,13 +492,17 @@ class StitchedModel(nn.Module):
         streams = {name: dec.embed(input_ids) for name, dec in models.items()}
         contexts = {name: dec.context(streams[name], attention_mask, caches.get(name), positions)
                     for name, dec in models.items()}
-        records, recompute = [], self.training and self.inference.checkpoint_frozen
-        for index in range(self.hub.config.num_hidden_layers):
+        stops = {name: self.block_stops(name) for name in models}
+        records, done = [], dict.fromkeys(models, 0)
+        recompute = self.training and self.inference.checkpoint_frozen
+        for step in range(len(self.placement) + 1):  # each runs its own blocks up to the point
             for name, dec in models.items():
-                if name == HUB or index < self.expert_depth:
-                    streams[name] = _block(dec, recompute, index, streams[name], positions,
-                                           contexts[name], caches.get(name))
-            if str(index) in self.stitches:
+                blocks = range(done[name], stops[name][step])
+                streams[name] = _run_blocks(dec, blocks, streams[name], positions, contexts[name],
+                                            caches.get(name), recompute)
+                done[name] = stops[name][step]
+            if step < len(self.placement):
+                index = self.placement[step].after_layer
                 hub, experts = self.apply_stitch(index, streams, names, keep, return_gates, records)
                 streams.update({HUB: hub, **experts})
         return streams[HUB], self.final_streams(streams, names), records
@@ -483,12 +510,13 @@ class StitchedModel(nn.Module):
     def apply_stitch(self, index, streams, names, keep, return_gates, records):
         """The stitch after block `index` on the streams; its gates recorded if asked."""
         stitch, dtype = self.stitches[str(index)], streams[HUB].dtype
-        # bf16 constituents (`stitch.constituent_dtype`): stitch maths in fp32, streams back
-        experts = {n: streams[n].float() for n in names}
-        hub, experts, gates = stitch(streams[HUB].float(), experts, names=names, keep=keep)
+        # bf16 constituents (`stitch.constituent_dtype`): stitch maths in the stitch's dtype
+        work = next(stitch.parameters(), streams[HUB]).dtype
+        experts = {n: streams[n].to(work) for n in names}
+        hub, experts, gates = stitch(streams[HUB].to(work), experts, names=names, keep=keep)
         if return_gates:
             sources = [HUB, *names] if stitch.kind == EXPERTS_INTO_HUB else list(names)
-            records.append(GateRecord(index, stitch.kind, sources, gates.detach().mean(dim=-1)))
+            records.append(GateRecord(index, stitch.kind, sources, _gate_means(gates)))
         return hub.to(dtype), {n: e.to(dtype) for n, e in experts.items()}
 
     def final_streams(self, streams, names) -> dict[str, torch.Tensor]:
@@ -500,6 +528,71 @@ class StitchedModel(nn.Module):
         """Greedy or sampled decoding with KV caches, speculative where it applies
         (bts.generation.generate, which lists the arguments)."""
         return generate(self, input_ids, **kwargs)
+
+
+def _batched_stacks(model, cache):
+    """The stacks when this forward runs batched: with a stacked cache, in eval mode, and in
+    train mode only if asked (`InferenceOptions.batched_training`); never with a per-model
+    cache."""
+    training = model.training and cache is None and not model.inference.batched_training
+    if isinstance(cache, dict) or training:
+        return None
+    stacks = model.executor.stacks(model)
+    if isinstance(cache, StackedCache) and stacks is None:
+        raise BtsError(
+            "this StackedCache belongs to the batched path, which is off or unavailable: "
+            "start again with model.new_cache()"
+        )
+    return stacks
+
+
+def _head(model, hub, finals, names, keep, input_ids, attention_mask, cache, logits_to_keep,
+          labels, records) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(logits, loss) from the final streams: the hub's own head (the paper's), or each
+    constituent's own head on its own final state, mixed per token (ours, bts.heads)."""
+    if model.output is None:
+        logits = adapter(model.hub, HUB).logits(hub[:, -logits_to_keep:])
+        return logits, causal_lm_loss(logits, labels) if labels is not None else None
+    logits, weights, loss = mixed_output(
+        model.output, {HUB: model.hub, **model.experts}, {HUB: hub, **finals}, names, keep,
+        input_ids, attention_mask, cache, logits_to_keep, labels, model.training,
+    )
+    layers = model.config.num_hidden_layers
+    records.append(GateRecord(layers, OUTPUT, [HUB, *names], weights.detach()))
+    return logits, loss
+
+
+def _run_blocks(dec, blocks: range, hidden, positions, context, cache, recompute=False):
+    """Blocks `blocks` of one constituent (through its adapter) on `hidden`, in order."""
+    for index in blocks:
+        hidden = _block(dec, recompute, index, hidden, positions, context, cache)
+    return hidden
+
+
+def _gate_means(gates) -> torch.Tensor:
+    """[..., sources]: each source's gate averaged over its dimensions (a tensor [..., sources,
+    d_0], or one [..., d_i] per expert for hub-into-experts, whose widths may differ)."""
+    if isinstance(gates, torch.Tensor):
+        return gates.detach().mean(dim=-1)
+    return torch.stack([g.detach().mean(dim=-1) for g in gates], dim=-1)
+
+
+def _check_mapped_names(spec: StitchSpec, experts: dict) -> None:
+    unknown = [name for name in spec.depth_maps if name not in experts]
+    if unknown:
+        raise BtsError(
+            f"StitchSpec.depth_maps names '{unknown[0]}', which is not among the experts "
+            f"{list(experts)}: remove its map, or stitch it with add_expert(name, model, depth_map)"
+        )
+
+
+def _resolved_depth_map(spec: StitchSpec, name: str, hub, expert) -> tuple[int, ...]:
+    """Expert `name`'s block at each stitch point: the spec's explicit map, else the same
+    relative depth; refused (one line with the fix) unless strictly increasing and in range."""
+    hub_layers, layers = hub.config.num_hidden_layers, expert.config.num_hidden_layers
+    blocks = spec.depth_maps.get(name) or depth_map(spec.placement, hub_layers, layers)
+    check_depth_map(name, blocks, spec.placement, hub_layers, layers)
+    return tuple(blocks)
 
 
 def _active_experts(

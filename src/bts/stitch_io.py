@@ -37,8 +37,8 @@ KINDS: tuple[str, ...] = get_args(StitchKind)
 # spec fields added after version 1's first manifests: absent means the default (StitchSpec's)
 OPTIONS = CHOICES
 _FIELDS = (
-    "format", "version", "placement", "gate_dropout", "gate_gain", *OPTIONS, "init_seed", "hub",
-    "experts",
+    "format", "version", "placement", "gate_dropout", "gate_gain", *OPTIONS, "init_seed",
+    "depth_maps", "hub", "experts",
 )
 _ENTRY_FIELDS = ("path", "sha256", "dtype")
 _OUTPUT = "output."  # the output stitch's weights, beside the stitch layers' in one file
@@ -62,7 +62,7 @@ def manifest(model, directory: Path) -> dict:
 def manifest_spec(info: dict) -> StitchSpec:
     """The StitchSpec a (validated) manifest records; defaults for fields older ones lack."""
     placement = tuple(StitchPoint(a, kind) for a, kind in info["placement"])
-    known = {k: info[k] for k in (*OPTIONS, "gate_gain", "init_seed") if k in info}
+    known = {k: info[k] for k in (*OPTIONS, "gate_gain", "init_seed", "depth_maps") if k in info}
     return StitchSpec(placement=placement, gate_dropout=info["gate_dropout"], **known)
 
 
@@ -83,6 +83,8 @@ def manifest_digest(info: dict) -> str:
     # only the options a manifest records: a manifest saved before they existed keeps its digest;
     # how fresh weights started (init) does not change what saved weights compute
     content |= {key: info[key] for key in OPTIONS if key in info and key != "init"}
+    if info.get("depth_maps"):  # explicit maps change which expert blocks the stitches read
+        content["depth_maps"] = info["depth_maps"]
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -188,6 +190,22 @@ def _validate(path: Path, info: dict) -> None:
         raise _bad(path, "experts", "is not an object mapping expert names to entries")
     for name, entry in experts.items():
         _validate_entry(path, f"experts.{name}", entry)
+    _validate_depth_maps(path, info.get("depth_maps", {}), experts, len(placement))
+
+
+def _validate_depth_maps(path: Path, maps, experts: dict, points: int) -> None:
+    """Explicit maps name stitched experts and give one strictly increasing, non-negative
+    block per stitch point (the expert's depth bounds them when it loads)."""
+    if not isinstance(maps, dict):
+        raise _bad(path, "depth_maps", "is not an object mapping expert names to block lists")
+    for name, blocks in maps.items():
+        field = f"depth_maps.{name}"
+        if name not in experts:
+            raise _bad(path, field, "names no stitched expert")
+        if not isinstance(blocks, list) or len(blocks) != points:
+            raise _bad(path, field, f"is {blocks!r}, not a list of {points} blocks (one a point)")
+        if not all(_is_int(b) and b >= 0 for b in blocks) or blocks != sorted(set(blocks)):
+            raise _bad(path, field, f"is {blocks!r}, not strictly increasing non-negative integers")
 
 
 def _validate_entry(path: Path, field: str, entry) -> None:

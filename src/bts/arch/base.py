@@ -7,7 +7,8 @@ keyed by name in `ALL_ATTENTION_FUNCTIONS`).
 An adapter also says how the batched kernels (bts.batched) group a block's weights, or that they
 cannot (`stack_groups = None`: such a family always runs the per-model loop). A new family is
 one file in this package that subclasses `Adapter` and calls `register`; `llama.py` covers the
-Llama layout, which Mistral and Qwen2 share.
+Llama layout, which Mistral and Qwen2 share; `qwen3.py` and `gemma.py` (Gemma 2 and 3) the
+families that differ from it in the batched kernels or the head.
 
 `compatible` is the one shape check: which config fields must agree for stitching, for the
 batched kernels, and for weight merges (tensor by tensor), with the first disagreement named.
@@ -27,8 +28,9 @@ from bts.errors import BtsError
 # the config fields that must agree, by purpose (the first disagreement is reported)
 Purpose = Literal["stitch", "stack", "merge"]
 SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
-    # stitching pairs hidden states layer by layer and mixes next-token distributions
-    "stitch": ("num_hidden_layers", "hidden_size", "vocab_size"),
+    # stitching mixes next-token distributions and reads one token sequence; depths are mapped
+    # (bts.spec.depth_map) and widths projected (P_i is d_0 x d_i), so only the vocabulary binds
+    "stitch": ("vocab_size",),
     # one batched kernel per block: every weight shape and the norm and activation agree
     "stack": (
         "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -64,13 +66,15 @@ def mismatch(reference, other, purpose: Purpose) -> tuple[str, object, object] |
 
 
 def check_compatible(hub: nn.Module, expert: nn.Module, name: str) -> None:
-    """Refuse an expert whose depth, width or vocabulary differs from the hub's."""
+    """Refuse an expert whose vocabulary differs from the hub's: every constituent reads the
+    same token ids. Depth, width and family may differ (docs/bring-your-own.md)."""
     found = mismatch(hub.config, expert.config, "stitch")
     if found is not None:
         field, got, want = found
         raise BtsError(
             f"expert '{name}' has {WORDS.get(field, field)} {got} but the hub has {want}: "
-            "experts must be branched from the hub (same architecture and tokenizer)"
+            "experts must use the hub's tokenizer (e.g. SmolLM2 135M/360M/1.7B together, or "
+            "Qwen2.5 0.5B/1.5B); pick an expert trained with the hub's tokenizer"
         )
 
 
