@@ -440,3 +440,26 @@ def test_a_pretrained_expert_with_another_tokenizer_is_refused_before_any_work(
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "pretrained expert 'odd'" in lines[0] and "another tokenizer" in lines[0]
     assert not run.exists()  # nothing written
+
+
+def test_a_pretrained_expert_of_another_shape_runs_and_one_shape_baselines_are_named(
+    smoke_run, tmp_path
+):
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    wide = tmp_path / "wide"  # the seed's tokenizer, twice its width and one layer more
+    config = AutoConfig.from_pretrained(smoke_run / "seed")
+    config.hidden_size, config.intermediate_size = 2 * config.hidden_size, 2 * config.intermediate_size
+    config.num_hidden_layers += 1
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(wide)
+    AutoTokenizer.from_pretrained(smoke_run / "seed").save_pretrained(wide)
+    given = {"code": smoke_run / "experts/code", "wide": wide}
+    run = tmp_path / "mixed"
+    result = bts("run", _byo_config(smoke_run, tmp_path, given), "--out", run)
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "report.json").read_text())
+    assert {"bts", "btm", "expert_routing", "expert:wide"} <= set(report["systems"])
+    assert "linear" not in report["systems"]
+    assert "expert 'wide' has hidden_size 64" in report["skipped"]["linear"]
+    assert "Not run here: `linear`" in (run / "report.md").read_text()

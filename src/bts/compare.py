@@ -200,7 +200,7 @@ def _stitched_active(model: StitchedModel) -> int:
             count += sum(p.numel() for p in constituent.parameters())
             continue
         count += constituent.get_input_embeddings().weight.numel()
-        blocks = adapter(constituent, name).layers[: model.expert_depth]
+        blocks = adapter(constituent, name).layers[: model.expert_depths[name]]
         count += sum(p.numel() for p in blocks.parameters())
     return count
 

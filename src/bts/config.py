@@ -195,6 +195,9 @@ class StitchConfig(Strict):
     constituent_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # recompute the frozen blocks' activations in the backward pass: less memory, same result
     checkpoint_frozen: bool = False
+    # per expert of another depth: the block it is read after at each stitch point (default:
+    # the same relative depth as the hub's; docs/bring-your-own.md)
+    depth_maps: dict[str, list[Count]] = {}
     batch_size: PositiveCount = 16
     mix: MixConfig = MixConfig()
     train: TrainConfig = TrainConfig(steps=150, lr=3e-3, warmup_steps=10)
@@ -229,6 +232,7 @@ class StitchConfig(Strict):
             output_evidence=self.output_evidence,
             init=self.init,
             init_seed=seed,
+            depth_maps=self.depth_maps,
             **chosen,
         )
         return spec.resolve(num_layers, count)

@@ -20,15 +20,19 @@ from bts.errors import BtsError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-def check_family(seed_dir: Path, expert_dirs: Mapping[str, Path]) -> PretrainedConfig:
-    """Return the seed's config after checking every expert has the seed's shapes and a tokenizer."""
+def check_family(
+    seed_dir: Path, expert_dirs: Mapping[str, Path], purpose: str = "merge"
+) -> PretrainedConfig:
+    """Return the seed's config after checking every expert has a tokenizer and agrees with the
+    seed on the fields `purpose` names (bts.arch.SHAPE_FIELDS): "merge", the seed's exact shape,
+    for weights that line up tensor by tensor; "stitch", one vocabulary, for whole models mixed or routed by their outputs."""
     if not expert_dirs:
         raise BtsError("no experts given: pass at least one expert directory")
     from bts.arch import mismatch  # the one shape check; loads no model code
 
     seed = _load_config("seed", seed_dir)
     for name, path in expert_dirs.items():
-        found = mismatch(seed, _load_config(f"expert {name!r}", path), "merge")
+        found = mismatch(seed, _load_config(f"expert {name!r}", path), purpose)
         if found is not None:  # weights must line up tensor by tensor
             field, ours, theirs = found
             raise BtsError(

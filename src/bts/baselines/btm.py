@@ -192,7 +192,7 @@ def _mixture_last(cums: torch.Tensor, lasts: torch.Tensor) -> torch.Tensor:
 
 def load_btm(seed_dir: Path, expert_dirs: Mapping[str, Path]) -> BTMEnsemble:
     """The ensemble of the seed (named 'seed', first) and the experts, in the order given."""
-    check_family(Path(seed_dir), expert_dirs)
+    check_family(Path(seed_dir), expert_dirs, "stitch")
     if SEED in expert_dirs:
         raise BtsError(f"an expert is named {SEED!r}: rename it, that name is the seed's")
     models = {SEED: load_causal_lm(seed_dir)}

@@ -249,7 +249,7 @@ def build_routing(
     spec: RoutingSpec, seed_dir: Path, expert_dirs: Mapping[str, Path]
 ) -> RouterTrainer:
     """The router trainer over the seed (named 'seed', first) and the experts in order given."""
-    check_family(Path(seed_dir), expert_dirs)
+    check_family(Path(seed_dir), expert_dirs, "stitch")
     if SEED in expert_dirs:
         raise BtsError(f"an expert is named {SEED!r}: rename it, that name is the seed's")
     models = {SEED: load_causal_lm(seed_dir)}
