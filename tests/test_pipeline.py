@@ -177,7 +177,7 @@ def test_bad_configs_fail_with_one_line_before_any_work(tmp_path, content, messa
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "smoke.yaml", "smollm2.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_validate_and_their_resolved_form_reloads(name):
     from bts.config import dump_config, load_config, parse_config
 
