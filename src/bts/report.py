@@ -1092,7 +1092,9 @@ def write_report(run_dir: Path, logs: Mapping[str, Path] | None = None) -> Path:
         for k, c in curves.items()
         if k.startswith(ABLATIONS_PREFIX)
     }
-    bases = {stage: curves[stage] for stage in BASE_STAGES.values() if stage in curves}
+    # the stages the run's ablations change (bts's stitch, bts_heads's): the plot's references
+    used = {BASE_STAGES[e.get("system", "bts")] for e in (report.get("ablations") or {}).values()}
+    bases = {stage: curves[stage] for stage in BASE_STAGES.values() if stage in curves and stage in used}
     if ablation and bases:
         paired = {n: s for n, s in _paired_ablations(report, ablation).items() if s in bases}
         _plot_ablation_curves(bases, ablation, paired, run_dir / IMAGE_FILES["ablation_curves"])
