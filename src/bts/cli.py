@@ -6,6 +6,7 @@ is complete is skipped, an interrupted one continues from its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -84,8 +85,14 @@ def _shown(result) -> str:
 
 
 def _timed(label: str, fn, *args):
+    """Run one stage; a stage of a run (first argument a Run) is also kept in RUN/timings.json."""
+    from bts.timings import stage_clock
+
+    stages = sys.modules.get("bts.stages")  # a Run exists only once bts.stages is imported
+    root = args[0].root if stages and args and isinstance(args[0], stages.Run) else None
     start = time.perf_counter()
-    result = fn(*args)
+    with stage_clock(root, label) if root is not None else contextlib.nullcontext():
+        result = fn(*args)
     elapsed = time.perf_counter() - start
     typer.echo(f"[bts] {label}: done in {elapsed:.1f} s -> {_shown(result)}", err=True)
     return result

@@ -40,6 +40,7 @@ from bts.stages import (
     stitch_heads,
 )
 from bts.stitch import EXPERTS_INTO_HUB, OUTPUT, StitchedModel
+from bts.timings import read_timings, stage_totals
 from bts.train import RESULT
 
 SystemLoader = Callable[[], torch.nn.Module]
@@ -367,6 +368,9 @@ def compare(run: Run) -> Path:
     skipped = _skipped(run)
     if skipped:
         report["skipped"] = skipped
+    timings = stage_totals(read_timings(run.root))
+    if timings:  # the stages timed so far (this report stage is timed once it returns)
+        report["timings"] = timings
     for alias, system in registry.aliases(run.config.baselines).items():  # `btx`: the default
         if system in report["systems"]:
             report["systems"][alias] = {"alias_of": system, **report["systems"][system]}
@@ -391,8 +395,13 @@ def _skipped(run: Run) -> dict[str, str]:
 
 
 def _same(a: dict | None, b: dict) -> bool:
-    """Equal as JSON (NaN, which some empty evaluations give, never equals itself in Python)."""
-    return a is not None and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    """Equal as JSON (NaN, which some empty evaluations give, never equals itself in Python),
+    stage timings aside: a re-run that evaluates nothing new keeps the report as it is."""
+
+    def text(report: dict) -> str:
+        return json.dumps({k: v for k, v in report.items() if k != "timings"}, sort_keys=True)
+
+    return a is not None and text(a) == text(b)
 
 
 def _cached_evaluation(

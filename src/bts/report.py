@@ -145,6 +145,10 @@ def _fmt_seconds(s: float) -> str:
     return f"{s:,.1f}"
 
 
+def _fmt_minutes(s: float) -> str:
+    return f"{int(s // 60)} min {s % 60:04.1f} s" if s >= 60 else f"{s:.1f} s"
+
+
 # ---------------------------------------------------------------- what the run shows
 
 
@@ -696,6 +700,25 @@ def _output_gate_section(output: Mapping[str, Any], images: Mapping[str, str]) -
     return "\n\n".join(parts)
 
 
+def _timings_section(report: Mapping[str, Any]) -> str:
+    """Wall time and peak memory per stage (RUN/timings.json, summed over resumed calls)."""
+    timings = report.get("timings") or {}
+    if not timings:
+        return ""
+    rows = [
+        [stage, _fmt_minutes(t["seconds"]), f"{t['peak_rss_mib']:,.0f}", str(t["calls"])]
+        for stage, t in timings.items()
+    ]
+    total = sum(t["seconds"] for t in timings.values())
+    rows.append(["total so far", _fmt_minutes(total), "", ""])
+    return "\n\n".join([
+        "## Time and memory",
+        "Wall time of each stage (summed over resumed calls) and the process's peak resident "
+        "memory during it; the report stage itself shows on the next `bts report`.",
+        _table(["stage", "wall time", "peak RSS (MiB)", "calls"], rows),
+    ])
+
+
 def render_markdown(
     report: Mapping[str, Any],
     gates: Mapping[str, Any] | None = None,
@@ -720,6 +743,7 @@ def render_markdown(
     parts.append(_ablation_section(report, images))
     if "training_curves" in images:
         parts += ["## Training", f"![training curves]({images['training_curves']})"]
+    parts.append(_timings_section(report))
     if gates:
         parts.append(_gate_section(gates, images))
     if report.get("config"):

@@ -1,0 +1,59 @@
+"""Stage timings: RUN/timings.json entries, per-stage peak memory, totals, report section."""
+
+import numpy as np
+import pytest
+
+from bts import cli
+from bts.config import parse_config
+from bts.report import render_markdown
+from bts.stages import Run
+from bts.timings import read_timings, stage_clock, stage_totals
+
+
+def _touch(mib: int) -> int:
+    block = np.ones(mib * 1024 * 1024 // 8)  # every page written: resident, not just reserved
+    return int(block[::4096].sum())
+
+
+def test_each_stage_records_its_own_peak(tmp_path):
+    with stage_clock(tmp_path, "big"):
+        _touch(400)
+    with stage_clock(tmp_path, "small"):
+        pass
+    big, small = read_timings(tmp_path)
+    assert (big["stage"], big["status"], small["stage"]) == ("big", "done", "small")
+    # the peak is reset per stage (Linux): the small stage does not inherit the 400 MiB peak
+    assert big["peak_rss_mib"] - small["peak_rss_mib"] > 300
+
+
+def test_a_failed_stage_is_recorded_and_the_error_kept(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"), stage_clock(tmp_path, "stitch"):
+        raise RuntimeError("boom")
+    assert [e["status"] for e in read_timings(tmp_path)] == ["failed"]
+
+
+def test_no_run_directory_no_file(tmp_path):
+    with stage_clock(tmp_path / "absent", "seed"):
+        pass
+    assert not (tmp_path / "absent").exists()
+
+
+def test_resumed_calls_add_up():
+    entries = [
+        {"stage": "stitch", "seconds": 10.0, "peak_rss_mib": 500.0},
+        {"stage": "seed", "seconds": 1.5, "peak_rss_mib": 300.0},
+        {"stage": "stitch", "seconds": 2.5, "peak_rss_mib": 700.0},
+    ]
+    totals = stage_totals(entries)
+    assert list(totals) == ["stitch", "seed"]
+    assert totals["stitch"] == {"seconds": 12.5, "peak_rss_mib": 700.0, "calls": 2}
+
+
+def test_cli_stages_of_a_run_are_timed_and_reported(tmp_path):
+    run = Run(parse_config({}), tmp_path)
+    assert cli._timed("seed", lambda r: r.root, run) == tmp_path
+    cli._timed("export", lambda path: path, tmp_path)  # not a run's stage: not recorded
+    assert [e["stage"] for e in read_timings(tmp_path)] == ["seed"]
+    report = {"systems": {}, "domains": [], "timings": stage_totals(read_timings(tmp_path))}
+    text = render_markdown(report)
+    assert "## Time and memory" in text and "| seed |" in text
