@@ -415,6 +415,30 @@ def lm_eval(
     typer.echo(f"[bts] lm-eval: done in {time.perf_counter() - start:.1f} s{where}", err=True)
 
 
+@app.command()
+@_friendly
+def plan(
+    config: Config,
+    processes: Annotated[int, typer.Option(help="Processes (devices) a stage runs on", min=1)] = 1,
+    device_memory: Annotated[
+        float | None,
+        typer.Option("--device-memory", help="GiB per device: mark what does not fit", min=0.001),
+    ] = None,
+    fsdp: Annotated[
+        bool, typer.Option("--fsdp", help="Shard weights, gradients and optimiser state (FSDP)")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (bytes) instead")] = False,
+) -> None:
+    """Memory per device of every stage, from the models' configs alone (no weights loaded)."""
+    import json
+
+    from bts.config import load_config
+    from bts.plan_report import format_plan, make_plan, plan_json
+
+    result = make_plan(load_config(config), processes, fsdp, device_memory)
+    typer.echo(json.dumps(plan_json(result), indent=1) if as_json else format_plan(result))
+
+
 @data_app.command("list")
 @_friendly
 def data_list(config: Config, out: Out = None) -> None:
