@@ -189,12 +189,12 @@ class LogProgress:
             parts.append(self.postfix)
         if final:
             word = "done in" if self.total is None or self._finished() else "stopped after"
-            parts.append(f"{word} {_duration(elapsed)}")
+            parts.append(f"{word} {duration(elapsed)}")
         else:
-            parts.append(_duration(elapsed))
+            parts.append(duration(elapsed))
             done = self.n - self.initial
             if self.total is not None and done > 0:
-                parts.append(f"eta {_duration(elapsed * (self.total - self.n) / done)}")
+                parts.append(f"eta {duration(elapsed * (self.total - self.n) / done)}")
         head = f"{PREFIX} {self.desc}: " if self.desc else f"{PREFIX} "
         return head + ", ".join(parts)
 
@@ -217,7 +217,7 @@ def _format_value(value: Any) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4g}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """4.2 s, 3m07s, 2h05m."""
     if seconds < 60:
         return f"{seconds:.1f} s"

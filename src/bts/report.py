@@ -27,6 +27,7 @@ from matplotlib.patheffects import Normal, Stroke
 from bts.baselines.registry import REPORT_ROWS, SINGLE_MODEL, WHOLE_EXPERTS
 from bts.errors import BtsError
 from bts.fileio import write_text
+from bts.progress import duration
 
 EXPERT_PREFIX = "expert:"
 HEADS = "bts_heads"  # bts with the output stitch (the experts' own heads)
@@ -143,10 +144,6 @@ def _fmt_count(n: float) -> str:
 
 def _fmt_seconds(s: float) -> str:
     return f"{s:,.1f}"
-
-
-def _fmt_minutes(s: float) -> str:
-    return f"{int(s // 60)} min {s % 60:04.1f} s" if s >= 60 else f"{s:.1f} s"
 
 
 # ---------------------------------------------------------------- what the run shows
@@ -706,11 +703,11 @@ def _timings_section(report: Mapping[str, Any]) -> str:
     if not timings:
         return ""
     rows = [
-        [stage, _fmt_minutes(t["seconds"]), f"{t['peak_rss_mib']:,.0f}", str(t["calls"])]
+        [stage, duration(t["seconds"]), f"{t['peak_rss_mib']:,.0f}", str(t["calls"])]
         for stage, t in timings.items()
     ]
     total = sum(t["seconds"] for t in timings.values())
-    rows.append(["total so far", _fmt_minutes(total), "", ""])
+    rows.append(["total so far", duration(total), "", ""])
     return "\n\n".join([
         "## Time and memory",
         "Wall time of each stage (summed over resumed calls) and the process's peak resident "
