@@ -1,7 +1,9 @@
 """Wall time and peak memory of each stage of a run, kept in RUN/timings.json for the report.
 
 A stage that is interrupted and resumed is timed once per call; the report adds the calls up, so
-a resumed run still shows what the stage cost in all. Peak memory is the process's peak resident
+a resumed run still shows what the stage cost in all. A call that changed nothing in the run (a
+stage already complete, an input refused) is not a cost of the run and is not recorded, so
+re-running a finished run rewrites no file. Peak memory is the process's peak resident
 set size during the stage: Linux lets a process reset its own peak (`/proc/self/clear_refs`, "5")
 and read it back (`VmHWM` in `/proc/self/status`); elsewhere the peak since the process started.
 """
@@ -20,6 +22,20 @@ from bts.fileio import write_json
 
 TIMINGS_FILE = "timings.json"
 _STATUS = Path("/proc/self/status")
+_NOT_WORK = {TIMINGS_FILE, ".bts.lock"}  # the lock records each holder, including a no-op call
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the run with its size and modification time: a stat each, no reading."""
+    if not root.is_dir():
+        return {}
+    state = {}
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if rel not in _NOT_WORK and path.is_file():
+            stat = path.stat()
+            state[rel] = (stat.st_size, stat.st_mtime_ns)
+    return state
 
 
 def _reset_peak() -> bool:
@@ -48,7 +64,10 @@ def read_timings(root: Path) -> list[dict]:
 @contextmanager
 def stage_clock(root: Path, stage: str) -> Iterator[None]:
     """Time `stage` and append its wall seconds and peak memory to RUN/timings.json, also when
-    it fails (an interrupted stage's time still counts towards the run)."""
+    it fails (an interrupted stage's time still counts towards the run), but only if the call
+    changed the run."""
+    root = Path(root)
+    before = _tree_state(root)
     reset = _reset_peak()
     start = time.perf_counter()
     status = "failed"
@@ -63,8 +82,8 @@ def stage_clock(root: Path, stage: str) -> Iterator[None]:
             "status": status,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        if Path(root).is_dir():  # a stage refused before the run existed wrote nothing
-            write_json(Path(root) / TIMINGS_FILE, [*read_timings(root), entry])
+        if _tree_state(root) != before:
+            write_json(root / TIMINGS_FILE, [*read_timings(root), entry])
 
 
 def stage_totals(entries: list[dict]) -> dict[str, dict]:
