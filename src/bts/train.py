@@ -1,7 +1,10 @@
 """The one training loop of every stage: AdamW, warmup + cosine, gradient accumulation,
 a stability guard that skips bad steps, exact resume from atomic pickle-free checkpoints.
 
-Runs single-process by default and unchanged under `accelerate launch` / `torchrun` (DDP).
+Runs single-process by default and unchanged under `accelerate launch` / `torchrun` (DDP), or
+sharded under `accelerate launch --config_file configs/accelerate/fsdp.yaml` (FSDP2,
+bts.distributed: each decoder block and stitch layer its own unit). Checkpoints hold full tensors
+under every launcher, so a run resumes with another world size or launcher.
 Data order is a function of the step only: optimizer step `s` uses the global micro-batches
 `batch_fn(s * grad_accum + k)`, and rank `r` of `W` takes rows `r::W` of each of them.
 
@@ -37,10 +40,11 @@ import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.utils.tensorboard import SummaryWriter
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from bts import distributed
 from bts.errors import BtsError
 from bts.fields import Count, Float, NonNegativeFloat, PositiveCount, PositiveFloat
 from bts.progress import progress
@@ -177,12 +181,13 @@ class _Run:
         self.cfg: TrainConfig = cfg
         self.out_dir: Path = out_dir
         self.name: str = name
-        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.named = _trainable(model)  # re-read once sharded: FSDP swaps in DTensor parameters
         if not self.named:
             raise BtsError(
                 f"training '{name}': the model has no trainable parameters: unfreeze some"
             )
         self.progress = _Progress()
+        self.home: torch.device | None = None  # set while the model is sharded (FSDP)
 
     def run(self, stop_after: int | None) -> TrainResult:
         """Resume or start, train up to `min(cfg.steps, stop_after)` steps, checkpoint."""
@@ -202,10 +207,17 @@ class _Run:
             return self._result()
         self._prepare(ckpt)
         self._loop(end)
-        return self._finish() if self.progress.step == self.cfg.steps else self._result()
+        result = self._finish() if self.progress.step == self.cfg.steps else self._result()
+        if self.home is not None:  # not on an error: one rank alone would hang in the gather
+            distributed.unshard(self.model, self.home)
+        return result
 
     def _prepare(self, ckpt: Path | None) -> None:
         """Build optimizer and schedule, wrap for accelerate, restore state or seed RNGs."""
+        plugin = distributed.fsdp_plugin(self.acc)
+        if plugin is not None:  # the checkpoint's weights are already in: they are sharded too
+            self.home = distributed.shard(self.model, plugin)
+            self.named = _trainable(self.model)
         decay = [p for _, p in self.named if p.ndim >= 2]
         no_decay = [p for _, p in self.named if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}]
@@ -218,7 +230,11 @@ class _Run:
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, self.cfg.warmup_steps, self.cfg.steps, min_lr_rate=self.cfg.min_lr_ratio
         )
-        self.wrapped, self.optimizer = self.acc.prepare(self.model, optimizer)
+        if plugin is not None and self.acc.distributed_type != DistributedType.FSDP:
+            # FSDP on CPU, which accelerate leaves as MULTI_CPU: prepare would wrap DDP around it
+            self.wrapped, self.optimizer = self.model, self.acc.prepare(optimizer)
+        else:
+            self.wrapped, self.optimizer = self.acc.prepare(self.model, optimizer)
         if ckpt is None:
             set_seed(self.cfg.seed + self.acc.process_index)
         else:
@@ -282,7 +298,8 @@ class _Run:
             losses.append(loss.detach().float())
         loss = self.acc.reduce(torch.stack(losses).mean(), "mean").item()
         params = [p for _, p in self.named]
-        grad_norm = self.acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
+        norm = self.acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+        grad_norm = distributed.full(norm).item()
         code = self.progress.skip_code(loss, grad_norm, cfg)
         code = int(self.acc.gather(torch.tensor([code], device=self.acc.device)).max())
         if code == _NO_SKIP:
@@ -330,10 +347,12 @@ class _Run:
             writer.add_scalar(f"{self.name}/{key}", record[key], p.step)
 
     def _save(self) -> None:
-        """Checkpoint the run; every rank contributes its RNG state."""
+        """Checkpoint the run; every rank contributes its RNG state (and, under FSDP, its shards
+        of the weights and optimizer state: gathered on every rank, in the same order)."""
+        weights = {n: distributed.full(p) for n, p in self.named}  # names of the unwrapped model
+        optim_state = _full_optimizer_state(self.optimizer.state_dict())
         rng = gather_object([_rng_state()])
         if self.acc.is_main_process:
-            weights = dict(self.named)  # names of the unwrapped model
             state = {
                 "progress": asdict(self.progress),
                 "world_size": self.acc.num_processes,
@@ -342,7 +361,7 @@ class _Run:
             _save_checkpoint(
                 self.out_dir,
                 weights,
-                self.optimizer.state_dict(),
+                optim_state,
                 self.scheduler.state_dict(),
                 rng,
                 state,
@@ -366,6 +385,10 @@ class _Run:
             _atomic_json(self.out_dir / RESULT, result.model_dump())
         self.acc.wait_for_everyone()
         return result
+
+
+def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _local_rows(batch: torch.Tensor, index: int, acc: Accelerator) -> torch.Tensor:
@@ -500,6 +523,15 @@ def _load_weights(model: torch.nn.Module, named: list, ckpt: Path) -> None:
             p.copy_(saved[n])
 
 
+def _full_optimizer_state(state: dict) -> dict:
+    """An optimizer state_dict with every sharded tensor gathered whole (a no-op unsharded)."""
+    per_param = {
+        idx: {k: distributed.full(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+        for idx, s in state["state"].items()
+    }
+    return {**state, "state": per_param}
+
+
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state_dict into tensors (safetensors) and structure (JSON)."""
     tensors, scalars = {}, {}
@@ -529,6 +561,13 @@ def _load_optimizer(optimizer, ckpt: Path) -> None:
             f"checkpoint {ckpt}/optimizer.json has other parameter groups: delete {ckpt}"
         )
     groups = [{**g, "params": ids} for g, ids in zip(groups, saved_ids, strict=True)]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    by_id = dict(zip([i for ids in saved_ids for i in ids], params, strict=True))
+    per_param = {  # full tensors on disk; under FSDP each rank keeps its shard of them
+        idx: {k: distributed.shard_like(v, by_id[idx]) if isinstance(v, torch.Tensor) else v
+              for k, v in values.items()}
+        for idx, values in per_param.items()
+    }
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
 
 

@@ -182,8 +182,14 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 
 def layer_class(model: nn.Module) -> str | None:
+    """The name of the model's decoder-layer class, seen through FSDP2 (bts.distributed), which
+    swaps a block's class for a generated subclass named FSDP<name> (bases: FSDPModule, it)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
-    return type(layers[0]).__name__ if layers else None
+    if not layers:
+        return None
+    cls = type(layers[0])
+    wrapped = cls.__bases__[-1]
+    return wrapped.__name__ if cls.__name__ == f"FSDP{wrapped.__name__}" else cls.__name__
 
 
 def adapter(model: nn.Module, role: str) -> Adapter:
