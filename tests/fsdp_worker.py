@@ -8,7 +8,9 @@ writes what the test compares: OUT/rank<r>.safetensors holds the stitch weights 
 uninterrupted run ("full.*"), after a run stopped at STOP steps and resumed on the same model
 object ("resumed.*"), and that model's logits on a fixed batch; OUT/rank<r>.json records the
 local shard shapes seen during training and the model's form after it. Rank 0 copies the
-checkpoint at STOP steps to OUT/at_stop for the test to resume single-process.
+checkpoint at STOP steps to OUT/at_stop for the test to resume single-process. A plain causal
+LM with tied embeddings (what the expert stages train: every weight trainable) trains too
+("lm.*").
 """
 
 import json
@@ -41,6 +43,10 @@ def tiny_stitched() -> StitchedModel:
         return tiny_model(arch, seed, num_hidden_layers=LAYERS)
 
     return stitched(make, "llama-untied", num_stitches=LAYERS, gate_dropout=0.0)
+
+
+def tiny_lm() -> torch.nn.Module:
+    return tiny_model("llama-tied", 0, num_hidden_layers=LAYERS).train()
 
 
 def probe_batch() -> torch.Tensor:
@@ -90,6 +96,11 @@ def main(out: Path) -> None:
         shutil.copytree(out / "part" / "checkpoint", out / "at_stop" / "checkpoint")
     train(again, batches(), FSDP_CFG, out / "part", name="fsdp")  # the same object, resharded
     tensors.update({f"resumed.{n}": t for n, t in trainable(again).items()})
+
+    lm = tiny_lm()
+    train(lm, batches(), FSDP_CFG, out / "lm", name="lm")
+    tensors.update({f"lm.{n}": t for n, t in trainable(lm).items()})
+    record["lm_tied"] = lm.lm_head.weight is lm.model.embed_tokens.weight
     safetensors.torch.save_file(tensors, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 

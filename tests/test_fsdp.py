@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from ddp_worker import batches, trainable
-from fsdp_worker import FSDP_CFG, LAYERS, STOP, probe_batch, tiny_stitched
+from fsdp_worker import FSDP_CFG, LAYERS, STOP, probe_batch, tiny_lm, tiny_stitched
 
 from bts.distributed import fsdp_plugin, fsdp_units
 from bts.errors import BtsError
@@ -74,6 +74,16 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(fsdp_run, tmp_path, one
 
     # on disk the FSDP checkpoint is the single-process one: full tensors, same names
     assert checkpoint_shapes(fsdp_run / "full") == checkpoint_shapes(tmp_path / "single")
+
+
+def test_fsdp_trains_a_plain_causal_lm_as_one_process_does(fsdp_run, tmp_path, one_thread):
+    """What the expert stages train: every weight trainable, embeddings tied."""
+    rank0 = safetensors.torch.load_file(fsdp_run / "rank0.safetensors")
+    fsdp = {k.removeprefix("lm."): v for k, v in rank0.items() if k.startswith("lm.")}
+    model = tiny_lm()
+    train(model, batches(), FSDP_CFG, tmp_path / "lm")
+    assert max_diff(fsdp, trainable(model)) <= 1e-5
+    assert json.loads((fsdp_run / "rank0.json").read_text())["lm_tied"]  # still one tensor
 
 
 def test_fsdp_checkpoint_resumes_in_one_process(fsdp_run, tmp_path, one_thread):
