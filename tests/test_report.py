@@ -529,6 +529,17 @@ def test_what_it_shows_uses_seed_statistics_when_present() -> None:
     assert ONE_RUN_NOTE not in text and "in this run" not in text
 
 
+def test_what_it_shows_compares_means_over_seeds() -> None:
+    report = _hand_report()
+    systems = report["systems"]
+    systems["bts"] |= {"average_sd": 0.01, "average_mean": 2.4000, "seeds": [0, 1, 2]}
+    systems["seed"] |= {"average_sd": 0.0, "average_mean": 2.5000, "seeds": [0, 1, 2]}
+    text = what_it_shows(report)
+    # the run's own bts average is 2.2250; over seeds it is 2.4000, and that is what counts
+    assert ("`bts` against the seed: 2.4000 vs 2.5000 (means over 3 seeds), lower by 0.1000, "
+            "beyond two standard deviations (0.0200) over 3 seeds") in text
+
+
 def test_heatmap_png_fits_and_shows_both_signs(tmp_path: Path) -> None:
     def report_of(n: int) -> dict:
         systems = {"seed": _entry(2.0, 3.0, 2.8)}

@@ -337,6 +337,39 @@ def test_expert_names_that_cannot_be_keys_are_refused(make_model, name):
 # --- memory: frozen constituents in bf16, recomputed activations ------------------------------
 
 
+def loss_and_grads(model, ids, mask):
+    """The training loss and every gradient it leaves, from zeroed gradients."""
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_compiled_frozen_blocks_give_the_same_loss_and_gradients(make_model):
+    from torch._dynamo.utils import counters
+
+    from bts.stages import compile_frozen_blocks
+
+    model = trained(make_model, "llama-tied", gate_dropout=0.0)
+    model.train_only()
+    model.train()
+    ids, mask = batch()
+
+    eager = loss_and_grads(model, ids, mask)
+    names = sorted(model.state_dict())
+    counters.clear()
+    compile_frozen_blocks(model)
+    compiled = loss_and_grads(model, ids, mask)
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks did run compiled
+    # blocks share graphs: far fewer than one per block of the hub and two experts
+    assert counters["stats"]["unique_graphs"] < 3 * model.config.num_hidden_layers
+    assert sorted(model.state_dict()) == names  # nothing renamed: checkpoints load either way
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    assert compiled[1].keys() == eager[1].keys() and all(n.startswith("stitches.") for n in eager[1])
+    for name, grad in eager[1].items():
+        torch.testing.assert_close(compiled[1][name], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_recomputed_frozen_blocks_give_the_same_loss_and_gradients(make_model, monkeypatch):
     import bts.stitch as stitch_module
 
@@ -345,23 +378,34 @@ def test_recomputed_frozen_blocks_give_the_same_loss_and_gradients(make_model, m
     model.train()
     ids, mask = batch()
 
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, attention_mask=mask, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    kept = loss_and_grads()
+    kept = loss_and_grads(model, ids, mask)
     calls = []
     real = stitch_module.checkpoint
     monkeypatch.setattr(stitch_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     model.set_inference(checkpoint_frozen=True)
-    recomputed = loss_and_grads()
+    recomputed = loss_and_grads(model, ids, mask)
     assert calls  # the blocks did go through torch.utils.checkpoint
     torch.testing.assert_close(recomputed[0], kept[0], rtol=0, atol=0)
     assert recomputed[1].keys() == kept[1].keys() and all(n.startswith("stitches.") for n in kept[1])
     for name, grad in kept[1].items():
         torch.testing.assert_close(recomputed[1][name], grad, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_constituents_on_cpu_run_the_loop_without_a_cache(make_model, monkeypatch):
+    models = [make_model("llama-tied", seed=s).to(torch.bfloat16) for s in range(3)]
+    model = StitchedModel.from_models(models[0], {"a": models[1], "b": models[2]}).eval()
+    assert model.batched_reason is None  # stackable: a cache still takes the batched path
+    paths = []
+    looped, batched = StitchedModel._run_looped, type(model.executor).run
+    monkeypatch.setattr(StitchedModel, "_run_looped",
+                        lambda self, *a: paths.append("loop") or looped(self, *a))
+    monkeypatch.setattr(type(model.executor), "run",
+                        lambda self, *a: paths.append("batched") or batched(self, *a))
+    ids, _ = batch()
+    with torch.no_grad():
+        model(ids)
+        model(ids, past_key_values=model.new_cache(), use_cache=True)
+    assert paths == ["loop", "batched"]
 
 
 def test_bf16_constituents_keep_fp32_stitches_and_the_hub_at_init(make_model, tmp_path):

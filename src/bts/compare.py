@@ -27,7 +27,7 @@ from bts.evaluate import EvalLimits, evaluate_models, write_records
 from bts.fileio import STITCH_MANIFEST, write_json
 from bts.models import load_causal_lm
 from bts.progress import progress
-from bts.report import write_report
+from bts.report import attach_repeats, write_report
 from bts.stages import (
     Run,
     baseline_systems,
@@ -374,6 +374,8 @@ def compare(run: Run) -> Path:
     for alias, system in registry.aliases(run.config.baselines).items():  # `btx`: the default
         if system in report["systems"]:
             report["systems"][alias] = {"alias_of": system, **report["systems"][system]}
+    if previous is not None and "repeats" in previous:  # `bts repeat` adds them; kept if valid
+        attach_repeats(report, previous["repeats"])
     if _same(previous, report) and run.path("report.md").is_file():
         return run.path("report.md")  # nothing changed: keep the files as they are
     write_records(records, run.path("eval.json"))

@@ -195,6 +195,10 @@ class StitchConfig(Strict):
     constituent_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # recompute the frozen blocks' activations in the backward pass: less memory, same result
     checkpoint_frozen: bool = False
+    # torch.compile each frozen block for the stitch stage (the same maths, fused; on CPU it
+    # needs a C++ compiler): faster training after a first step that compiles
+    # (docs/inference.md, "Against the peer")
+    compile_frozen: bool = False
     # per expert of another depth: the block it is read after at each stitch point (default:
     # the same relative depth as the hub's; docs/bring-your-own.md)
     depth_maps: dict[str, list[Count]] = {}

@@ -29,6 +29,7 @@ from bts.config import RunConfig
 from bts.errors import BtsError
 from bts.fileio import write_json
 from bts.progress import progress
+from bts.report import attach_repeats, write_report
 from bts.stages import Run, once
 from bts.train import RESULT, TrainConfig
 
@@ -74,14 +75,8 @@ def repeat(run: Run, count: int) -> Path:
             per_seed.setdefault(name, {})[seed] = losses
     for name in per_seed:
         per_seed[name][base] = report["systems"][name]["loss"]
-    repeats = summarise(per_seed, list(report["domains"]), seeds)
-    report["repeats"] = repeats
-    for name, entry in repeats["systems"].items():
-        report["systems"][name]["average_sd"] = entry["sd"]["average"]
-        report["systems"][name]["seeds"] = seeds
+    attach_repeats(report, summarise(per_seed, list(report["domains"]), seeds))
     once(write_json, run.path("report.json"), report)
-    from bts.report import write_report
-
     return write_report(run.root)
 
 

@@ -223,19 +223,54 @@ def _seed_stats(system: Mapping[str, Any]) -> tuple[float | None, int | None]:
     return _number(system.get("average_sd")), count
 
 
+def attach_repeats(report: dict[str, Any], repeats: dict[str, Any]) -> bool:
+    """Put `repeats` (`bts repeat`, bts.repeat.summarise) into report.json's `report`: each repeated system gets its mean and sd over seeds of the
+    average loss; each system the repeats do not re-train and that does not depend on the
+    stitch stage (the seed, the experts, the merges, BTM) gets its one value with sd 0, since a
+    training seed of the stitch stage cannot change it. Nothing is attached (False) when the
+    run's own seed no longer matches the repeats' row for it: a stage changed since the repeat.
+    """
+    base, domains = str(repeats["seeds"][0]), list(report["domains"])
+    systems = report["systems"]
+    for name, entry in repeats["systems"].items():
+        own = systems.get(name, {}).get("loss", {})
+        if any(own.get(d) != entry["per_seed"][base].get(d) for d in domains):
+            return False
+    report["repeats"] = repeats
+    for name, system in systems.items():
+        entry = repeats["systems"].get(system.get("alias_of", name))
+        if entry is not None:
+            mean, sd = entry["mean"]["average"], entry["sd"]["average"]
+        elif "-minus:" not in name and all(d in system.get("loss", {}) for d in domains):
+            # not re-trained by a repeat (the seed, the shared experts, merges, BTM); a removal
+            # row is the exception: it is bts without an expert, and follows bts's seed
+            mean, sd = float(np.mean([system["loss"][d] for d in domains])), 0.0
+        else:
+            continue
+        system.update(average_mean=mean, average_sd=sd, seeds=repeats["seeds"])
+    return True
+
+
 def _versus(report: Mapping[str, Any], a: str, b: str, avg: Mapping[str, float]) -> str:
-    """'A vs B, lower by D ...' on the average; with both sds over seeds, a tie is a tie."""
-    diff = avg[a] - avg[b]
-    shown = f"{avg[a]:.4f} vs {avg[b]:.4f}"
+    """'A vs B, lower by D ...' on the average; with both sds over seeds, the means over seeds
+    are compared and a tie is a tie."""
     (sd_a, n_a), (sd_b, n_b) = (_seed_stats(report["systems"][n]) for n in (a, b))
+    repeated = sd_a is not None and sd_b is not None
+    value_a, value_b = (_number(report["systems"][n].get("average_mean")) if repeated else None
+                        for n in (a, b))
+    value_a = avg[a] if value_a is None else value_a
+    value_b = avg[b] if value_b is None else value_b
+    diff = value_a - value_b
+    shown = f"{value_a:.4f} vs {value_b:.4f}"
     if f"{abs(diff):.4f}" == "0.0000":
         direction = "equal to 4 decimals"
     else:
         direction = f"{'lower' if diff < 0 else 'higher'} by {abs(diff):.4f}"
-    if sd_a is None or sd_b is None:
+    if not repeated:
         return f"{shown}, {direction} in this run"
     sd = math.hypot(sd_a, sd_b)  # sd of the difference of two independent means
     seeds = f" over {min(n_a, n_b)} seeds" if n_a and n_b else " over seeds"
+    shown += f" (means{seeds})" if _number(report["systems"][a].get("average_mean")) else ""
     if abs(diff) < 2 * sd:
         return f"{shown}, within two standard deviations ({2 * sd:.4f}){seeds}: a tie"
     return f"{shown}, {direction}, beyond two standard deviations ({2 * sd:.4f}){seeds}"
@@ -513,7 +548,7 @@ def _ablation_section(report: Mapping[str, Any], images: Mapping[str, str]) -> s
     parts = [
         "## Ablations",
         "Each re-runs only the stitch stage on this run's seed and experts with one change "
-        "(`bts ablate`); same token budget, same evaluation.",
+        "(`bts ablate`), on the tokens its column shows; same evaluation.",
         _table(header, rows, text=(0, 1)),
     ]
     if "ablation_curves" in images:

@@ -28,7 +28,7 @@ from accelerate import PartialState
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from bts import pretrained
-from bts.arch import mismatch
+from bts.arch import adapter, mismatch
 from bts.baselines import registry
 from bts.config import MixConfig, RunConfig, StitchConfig, dump_config
 from bts.data.domains import BUILTIN_DOMAINS, load_domain, train_texts
@@ -45,7 +45,7 @@ from bts.fileio import (
     write_json,
     write_text,
 )
-from bts.models import MANIFEST_DTYPES, freeze_output_space, load_causal_lm
+from bts.models import HUB, MANIFEST_DTYPES, freeze_output_space, load_causal_lm
 from bts.stitch import StitchedModel
 from bts.stitch_io import stitched_inputs
 from bts.train import RESULT, TrainConfig, TrainResult, train
@@ -477,10 +477,22 @@ def train_stitched(run: Run, config: RunConfig, out: Path, stage: str) -> Path:
         return out
     model = build_stitched(run, config)
     model.train_only()
+    if config.stitch.compile_frozen:
+        compile_frozen_blocks(model)
     sampler = stitch_sampler(run, config.stitch_domains, config.stitch)
     run.train(stage, model, sampler, config.stitch.train)
     once(model.save_pretrained, out)
     return out
+
+
+def compile_frozen_blocks(model: StitchedModel) -> None:
+    """torch.compile every frozen decoder block of the hub and experts, in place
+    (`stitch.compile_frozen`). Blocks of one class share their compiled graphs (weights are
+    graph inputs), so the first step compiles a few graphs, not one per block; the stitch layers
+    stay eager. The module tree and state dict are unchanged."""
+    for name, constituent in {HUB: model.hub, **model.experts}.items():
+        for layer in adapter(constituent, name).layers:
+            layer.compile(dynamic=False)
 
 
 def build_stitched(run: Run, config: RunConfig) -> StitchedModel:
