@@ -489,7 +489,8 @@ def compile_frozen_blocks(model: StitchedModel) -> None:
     """torch.compile every frozen decoder block of the hub and experts, in place
     (`stitch.compile_frozen`). Blocks of one class share their compiled graphs (weights are
     graph inputs), so the first step compiles a few graphs, not one per block; the stitch layers
-    stay eager. The module tree and state dict are unchanged."""
+    stay eager. The module tree and state dict are unchanged; the blocks stay compiled, also
+    where the same constituent objects are used elsewhere."""
     for name, constituent in {HUB: model.hub, **model.experts}.items():
         for layer in adapter(constituent, name).layers:
             layer.compile(dynamic=False)
