@@ -224,12 +224,12 @@ def _seed_stats(system: Mapping[str, Any]) -> tuple[float | None, int | None]:
 
 
 def attach_repeats(report: dict[str, Any], repeats: dict[str, Any]) -> bool:
-    """Put `repeats` (`bts repeat`, bts.repeat.summarise) into report.json's `report`: each repeated system gets its mean and sd over seeds of the
-    average loss; each system the repeats do not re-train and that does not depend on the
-    stitch stage (the seed, the experts, the merges, BTM) gets its one value with sd 0, since a
-    training seed of the stitch stage cannot change it. Nothing is attached (False) when the
-    run's own seed no longer matches the repeats' row for it: a stage changed since the repeat.
-    """
+    """Put `repeats` (`bts repeat`: bts.repeat.summarise) into report.json's `report`. Each
+    repeated system gets its mean and sd over seeds of the average loss; each system the repeats
+    do not re-train and that does not depend on the stitch stage (the seed, the experts, the
+    merges, BTM) gets its one value with sd 0, since a training seed of the stitch stage cannot
+    change it. Nothing is attached (False) when the run's own seed no longer matches the
+    repeats' row for it: a stage changed since the repeat."""
     base, domains = str(repeats["seeds"][0]), list(report["domains"])
     systems = report["systems"]
     for name, entry in repeats["systems"].items():
@@ -256,10 +256,12 @@ def _versus(report: Mapping[str, Any], a: str, b: str, avg: Mapping[str, float])
     are compared and a tie is a tie."""
     (sd_a, n_a), (sd_b, n_b) = (_seed_stats(report["systems"][n]) for n in (a, b))
     repeated = sd_a is not None and sd_b is not None
-    value_a, value_b = (_number(report["systems"][n].get("average_mean")) if repeated else None
-                        for n in (a, b))
-    value_a = avg[a] if value_a is None else value_a
-    value_b = avg[b] if value_b is None else value_b
+
+    def value(name: str) -> float:  # the mean over seeds where repeats give one, else this run's
+        mean = _number(report["systems"][name].get("average_mean")) if repeated else None
+        return avg[name] if mean is None else mean
+
+    value_a, value_b = value(a), value(b)
     diff = value_a - value_b
     shown = f"{value_a:.4f} vs {value_b:.4f}"
     if f"{abs(diff):.4f}" == "0.0000":
