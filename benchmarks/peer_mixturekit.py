@@ -132,7 +132,7 @@ def training_batches(run, seed: int, steps: int) -> list[torch.Tensor]:
 # --- the two systems ----------------------------------------------------------------------------
 
 
-def mixturekit_config(run, hub: Path, spokes: list[tuple[str, Path]], layers: int) -> dict:
+def mixturekit_config(hub: Path, spokes: list[tuple[str, Path]], layers: int) -> dict:
     return {
         "moe_method": "bts",
         "stitch_freq": max(1, layers // 4),
@@ -149,17 +149,18 @@ def mixturekit_config(run, hub: Path, spokes: list[tuple[str, Path]], layers: in
     }
 
 
-def build_mixturekit_checkpoint(cfg: dict, out: Path) -> None:
+def build_mixturekit_checkpoint(cfg: dict, out: Path, dtype: torch.dtype = torch.float32) -> None:
     from MixtureKit import build_moe
 
     with contextlib.redirect_stdout(sys.stderr):  # its "mapping expert ..." lines
-        build_moe(dict(cfg), torch_dtype=torch.float32, output_dir=str(out))
+        build_moe(dict(cfg), torch_dtype=dtype, output_dir=str(out))
 
 
-def load_mixturekit(path: Path):
+def load_mixturekit(path: Path, dtype: torch.dtype = torch.float32):
     """The built model, with only the parameters whose names contain `stitch` trainable."""
     with contextlib.redirect_stdout(sys.stderr):
-        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True,
+                                                     dtype=dtype)
     model.requires_grad_(False)
     count = 0
     for name, param in model.named_parameters():
@@ -167,8 +168,8 @@ def load_mixturekit(path: Path):
             param.requires_grad_(True)
             count += param.numel()
     dtypes = {p.dtype for p in model.parameters()}
-    if dtypes != {torch.float32}:
-        raise RuntimeError(f"MixtureKit model loaded as {dtypes}, expected float32")
+    if dtypes != {dtype}:
+        raise RuntimeError(f"MixtureKit model loaded as {dtypes}, expected {dtype}")
     return model, count
 
 
@@ -415,7 +416,7 @@ def score_untrained(run, held, real) -> tuple[dict, dict]:
 def prepare(run, held, real, rows, experts, hub, spokes, mk_dir: Path) -> dict:
     """Build MixtureKit's checkpoint once, check it, and score both systems at initialisation."""
     layers = load_causal_lm(hub).config.num_hidden_layers
-    mk_cfg = mixturekit_config(run, hub, spokes, layers)
+    mk_cfg = mixturekit_config(hub, spokes, layers)
     build_mixturekit_checkpoint(mk_cfg, mk_dir)
     mk_model, mk_trainable = load_mixturekit(mk_dir)
     layout = mixturekit_layout(mk_model)

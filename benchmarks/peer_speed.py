@@ -33,25 +33,26 @@ MixtureKit is not a dependency of bts; for this comparison only:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM
 
 from bts.progress import quiet_libraries
 from bts.stages import compile_frozen_blocks
 from bts.stitch import StitchedModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from inference import smollm_models  # noqa: E402  (sibling scripts, not a package)
-from peer_mixturekit import MISSING, mixturekit_config  # noqa: E402
+from inference import interleaved, smollm_models  # noqa: E402  (sibling scripts)
+from peer_mixturekit import (  # noqa: E402
+    MISSING,
+    build_mixturekit_checkpoint,
+    load_mixturekit,
+    mixturekit_config,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -59,21 +60,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def build_peer(hub, experts: dict, tokenizer, where: Path, dtype: torch.dtype):
     """MixtureKit's BTS over the same models (it reads them and a tokenizer from disk) in
     `dtype`, with only the parameters named `stitch` trainable (peer_mixturekit.py's rule)."""
-    from MixtureKit import build_moe
-
     for name, model in {"hub": hub, **experts}.items():
         model.save_pretrained(where / name)
         tokenizer.save_pretrained(where / name)
     spokes = [(name, where / name) for name in experts]
-    cfg = mixturekit_config(None, where / "hub", spokes, hub.config.num_hidden_layers)
-    with contextlib.redirect_stdout(sys.stderr):  # its "mapping expert ..." lines
-        build_moe(dict(cfg), torch_dtype=dtype, output_dir=str(where / "mixturekit"))
-        model = AutoModelForCausalLM.from_pretrained(
-            str(where / "mixturekit"), trust_remote_code=True, dtype=dtype)
-    model.requires_grad_(False)
-    for name, param in model.named_parameters():
-        param.requires_grad_("stitch" in name)
-    return model
+    cfg = mixturekit_config(where / "hub", spokes, hub.config.num_hidden_layers)
+    build_mixturekit_checkpoint(cfg, where / "mixturekit", dtype)
+    return load_mixturekit(where / "mixturekit", dtype)[0]
 
 
 def build_ours(hub, experts: dict, dtype: torch.dtype) -> StitchedModel:
@@ -139,19 +132,6 @@ def matmul_peak(width: int, inner: int, rows: int, dtype: torch.dtype, repeats: 
     a, b = torch.randn(rows, width, dtype=dtype), torch.randn(width, inner, dtype=dtype)
     seconds = interleaved({"mm": lambda: [a @ b for _ in range(20)]}, repeats)["mm"] / 20
     return 2 * rows * width * inner / seconds
-
-
-def interleaved(variants: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each variant, after one warm-up call each; turns alternate."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for fn in variants.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def profile(model, ids: torch.Tensor, batches: list[torch.Tensor], rows: int) -> None:

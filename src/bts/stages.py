@@ -491,6 +491,12 @@ def compile_frozen_blocks(model: StitchedModel) -> None:
     graph inputs), so the first step compiles a few graphs, not one per block; the stitch layers
     stay eager. The module tree and state dict are unchanged; the blocks stay compiled, also
     where the same constituent objects are used elsewhere."""
+    on_cpu = next(model.hub.parameters()).device.type == "cpu"
+    if on_cpu and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise BtsError(
+            "stitch.compile_frozen needs a C++ compiler on CPU (torch.compile's backend) and "
+            "none is on PATH: install g++ or set stitch.compile_frozen: false"
+        )
     for name, constituent in {HUB: model.hub, **model.experts}.items():
         for layer in adapter(constituent, name).layers:
             layer.compile(dynamic=False)
