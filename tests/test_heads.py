@@ -4,6 +4,8 @@ and round trips through save/load and export."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -200,3 +202,35 @@ def test_training_loss_equals_the_loss_of_the_mixed_logits(make_model, mix):
     trained = model.train()(ids, attention_mask=mask, labels=labels)  # no gate dropout here
     assert (trained.logits is None) == (mix == "prob")
     torch.testing.assert_close(trained.loss, full.loss, rtol=0, atol=1e-5)
+
+
+def test_expert_dropout_closes_experts_per_row_as_a_removal_would(make_model):
+    """In training each row's draw closes experts exactly as `expert_keep` (a removal) does;
+    a closed expert's parameters get no gradient from that row; eval draws nothing."""
+    model = heads_model(make_model, n_experts=3)
+    model.spec = replace(model.spec, expert_dropout=0.5)
+    randomise(model, seed=3)
+    ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    torch.manual_seed(7)
+    dropped = model.train()(ids, attention_mask=mask, labels=labels).loss
+    torch.manual_seed(7)
+    keep = torch.rand(ids.shape[0], 3) >= 0.5
+    assert not keep.all() and keep.any()  # this draw closes some experts and keeps others
+    closed = model(ids, attention_mask=mask, labels=labels, expert_keep=keep).loss
+    assert torch.equal(dropped, closed)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids, attention_mask=mask).logits,
+                           model(ids, attention_mask=mask, expert_keep=torch.ones_like(keep)).logits)
+    # one row whose draw closes e1 and keeps e0: e1 still runs, but gets no gradient
+    seed = next(s for s in range(100) if _draw(s, 3).tolist() == [[True, False, True]])
+    torch.manual_seed(seed)
+    row = slice(2, 3)
+    model.train()(ids[row], attention_mask=mask[row], labels=labels[row]).loss.backward()
+    assert model.output.scale["e1"].grad.abs().item() == 0
+    assert model.output.scale["e0"].grad.abs().item() > 0
+
+
+def _draw(seed: int, experts: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.rand(1, experts) >= 0.5

@@ -358,6 +358,28 @@ def test_sweep_scores_validation_rows_per_seed_and_seed_0_is_the_runs_stitch(smo
     assert bad.exit_code != 0 and "system 'btm' is not trained" in bad.output
 
 
+def test_sweep_with_removal_scores_each_domain_without_its_expert(smoke_run, tmp_path):
+    from bts.stages import Run
+    from bts.sweep import validation_scores
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("ours: {description: the run's own, stitch: {}}\n")
+    result = bts("sweep", smoke_run, grid, "--seeds", "0", "--rows", "2", "--removal")
+    assert result.exit_code == 0, result.output
+    scores = json.loads((smoke_run / "sweeps/grid/ours/seed-0/validation.json").read_text())
+    scores = scores["scores"]
+    run = Run.load(smoke_run)
+    full = validation_scores(run, StitchedModel.from_pretrained(smoke_run / "stitched"), 2)
+    moved = 0.0
+    for domain in run.corpus:
+        model = StitchedModel.from_pretrained(smoke_run / "stitched")
+        model.remove_expert(domain)
+        minus = validation_scores(run, model, 2)
+        assert scores[f"without:{domain}"] == minus[domain]
+        moved = max(moved, *(abs(minus[d] - full[d]) for d in run.corpus if d != domain))
+    assert scores["moved"] == moved > 0
+
+
 def test_repeat_retrains_trained_systems_with_other_seeds_and_reports_ties(smoke_run):
     result = bts("repeat", smoke_run, "--seeds", "2")
     assert result.exit_code == 0, result.output

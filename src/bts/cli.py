@@ -262,6 +262,9 @@ def sweep(
     ],
     seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated")] = "0,1,2",
     rows: Annotated[int, typer.Option(help="Validation rows scored per domain", min=1)] = 64,
+    removal: Annotated[
+        bool, typer.Option(help="Also score each bts point without each expert in turn")
+    ] = False,
 ) -> None:
     """Train the stitch stage under each point of a grid with several seeds; score on validation."""
     from bts.stages import Run
@@ -269,7 +272,7 @@ def sweep(
     from bts.sweep import sweep as stage
 
     r = Run.load(run_dir)
-    summary = stage(r, grid, _seeds(seeds), rows)
+    summary = stage(r, grid, _seeds(seeds), rows, removal)
     typer.echo(format_table(summary))
     typer.echo(f"[bts] sweep: {r.path('sweeps', grid.stem, 'sweep.json')}", err=True)
 

@@ -190,6 +190,9 @@ class StitchConfig(Strict):
     init: Literal["identity", "uniform", "uniform_into_hub", "random"] = "uniform_into_hub"
     gate_dropout: float = Field(0.1, ge=0, lt=1)
     gate_gain: PositiveFloat = 1.0  # docs/stitching.md
+    # in training, close each expert on each row with this probability, as a removal would:
+    # the stitch learns to do without any one expert (docs/stitching.md, "Expert dropout")
+    expert_dropout: float = Field(0.0, ge=0, lt=1)
     # how the frozen hub and experts are stored (stitch parameters and optimiser state stay
     # fp32; docs/scaling.md measures the loss against fp32)
     constituent_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -236,6 +239,7 @@ class StitchConfig(Strict):
             output_evidence=self.output_evidence,
             init=self.init,
             init_seed=seed,
+            expert_dropout=self.expert_dropout,
             depth_maps=self.depth_maps,
             **chosen,
         )

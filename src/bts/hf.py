@@ -72,6 +72,7 @@ class BtsStitchedConfig(PretrainedConfig):
     output_evidence: bool = True
     init: str = "identity"
     init_seed: int = 0
+    expert_dropout: float = 0.0
     depth_maps: dict | None = None  # explicit per-expert depth maps (bts.spec.StitchSpec)
     use_cache: bool = True
     # the hub's head is tied or not inside the hub; the wrapper itself ties nothing

@@ -60,6 +60,8 @@ class StitchSpec:
     - output: the hub's head ("hub", the paper's) or a gated mixture of the hub's and the
       experts' own heads ("mixture", bts.heads), mixed in probability or log space;
     - init: how fresh stitch parameters start (see `Init`); loading saved weights overrides it;
+    - expert_dropout: in training, each expert is closed on each row with this probability
+      (as if removed), so the stitch learns to do without it (docs/stitching.md);
     - depth_maps: per expert, the block (0-based) it is read after at each stitch point, in
       placement order; an expert left out follows `depth_map` (the same relative depth).
     """
@@ -75,6 +77,7 @@ class StitchSpec:
     output_evidence: bool = True
     init: Init = "identity"
     init_seed: int = 0  # seeds the random init (recorded: how the trained weights started)
+    expert_dropout: float = 0.0  # training only, like gate_dropout
     # a dict (left out of the hash, which the other fields still give)
     depth_maps: Mapping[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
 
@@ -90,6 +93,8 @@ class StitchSpec:
             if getattr(self, key) not in choices:
                 names = " or ".join(repr(c) for c in choices)
                 raise BtsError(f"{key} '{getattr(self, key)}' is unknown: use {names}")
+        if not 0.0 <= self.expert_dropout < 1.0:
+            raise BtsError(f"expert_dropout {self.expert_dropout} is out of range: use [0, 1)")
 
     def resolve(self, num_layers: int, num_stitches: int = 4) -> StitchSpec:
         """This spec with its placement filled in for a hub of `num_layers`, and checked."""

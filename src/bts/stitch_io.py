@@ -38,7 +38,7 @@ KINDS: tuple[str, ...] = get_args(StitchKind)
 OPTIONS = CHOICES
 _FIELDS = (
     "format", "version", "placement", "gate_dropout", "gate_gain", *OPTIONS, "init_seed",
-    "depth_maps", "hub", "experts",
+    "expert_dropout", "depth_maps", "hub", "experts",
 )
 _ENTRY_FIELDS = ("path", "sha256", "dtype")
 _OUTPUT = "output."  # the output stitch's weights, beside the stitch layers' in one file
@@ -62,7 +62,8 @@ def manifest(model, directory: Path) -> dict:
 def manifest_spec(info: dict) -> StitchSpec:
     """The StitchSpec a (validated) manifest records; defaults for fields older ones lack."""
     placement = tuple(StitchPoint(a, kind) for a, kind in info["placement"])
-    known = {k: info[k] for k in (*OPTIONS, "gate_gain", "init_seed", "depth_maps") if k in info}
+    keys = (*OPTIONS, "gate_gain", "init_seed", "expert_dropout", "depth_maps")
+    known = {k: info[k] for k in keys if k in info}
     return StitchSpec(placement=placement, gate_dropout=info["gate_dropout"], **known)
 
 

@@ -110,8 +110,27 @@ def validation_scores(run: Run, model, rows: int) -> dict[str, float]:
     return {**scores, "average": float(np.mean([scores[d] for d in run.corpus]))}
 
 
-def sweep(run: Run, grid: Path, seeds: list[int], rows: int) -> dict[str, Any]:
-    """Train and score every (point, seed) not already done; write and return sweep.json."""
+def removal_scores(run: Run, stitched: Path, full: dict[str, float], rows: int) -> dict[str, float]:
+    """Per expert domain d, the validation loss on d with d's expert removed (`without:d`), and
+    `moved`: the largest change on another domain over those removals (issue 16's test)."""
+    scores, moved = {}, 0.0
+    for domain in run.corpus:
+        model = StitchedModel.from_pretrained(stitched)
+        if domain not in model.expert_names:
+            continue
+        model.remove_expert(domain)
+        minus = validation_scores(run, model, rows)
+        scores[f"without:{domain}"] = minus[domain]
+        others = [abs(minus[d] - full[d]) for d in run.corpus if d != domain]
+        moved = max(moved, *others)
+    return {**scores, "moved": moved}
+
+
+def sweep(
+    run: Run, grid: Path, seeds: list[int], rows: int, removal: bool = False
+) -> dict[str, Any]:
+    """Train and score every (point, seed) not already done; write and return sweep.json.
+    With `removal`, every bts point is also scored without each expert (`removal_scores`)."""
     if not seeds:
         raise BtsError("--seeds is empty: give at least one training seed, e.g. 0,1,2")
     points = load_grid(grid, run.config)
@@ -119,25 +138,31 @@ def sweep(run: Run, grid: Path, seeds: list[int], rows: int) -> dict[str, Any]:
     jobs = [(p, s) for s in seeds for p in points]  # seed by seed: stopped early, it is even
     results: dict[str, dict[int, dict[str, float]]] = {p.name: {} for p in points}
     for point, seed in progress(jobs, desc="sweep", unit="run"):
-        results[point.name][seed] = _score_point(run, point, seed, home / point.name, rows)
+        results[point.name][seed] = _score_point(run, point, seed, home / point.name, rows, removal)
     summary = summarise(points, results, seeds, rows)
     once(write_json, home / "sweep.json", summary)
     return summary
 
 
-def _score_point(run: Run, point: Point, seed: int, home: Path, rows: int) -> dict[str, float]:
+def _score_point(
+    run: Run, point: Point, seed: int, home: Path, rows: int, removal: bool
+) -> dict[str, float]:
     where = home / f"seed-{seed}"
     record = where / "validation.json"
+    removal = removal and point.system == MAIN
     if record.is_file():
         saved = json.loads(record.read_text())
-        if saved.get("rows") == rows:
+        if saved.get("rows") == rows and (not removal or "moved" in saved["scores"]):
             return saved["scores"]
     trial = Run(repeat_config(point.config, seed), where, shared=run.root)
     if point.system == MAIN:
-        model = StitchedModel.from_pretrained(stitch(trial))
+        trained = stitch(trial)
+        model = StitchedModel.from_pretrained(trained)
     else:
         model = load_baseline(point.system, baselines(trial)[point.system])
     scores = validation_scores(trial, model, rows)
+    if removal:
+        scores |= removal_scores(trial, trained, scores, rows)
     once(write_json, record, {"point": point.name, "seed": seed, "rows": rows, "scores": scores})
     return scores
 
@@ -146,7 +171,8 @@ def summarise(
     points: list[Point], results: dict[str, dict[int, dict[str, float]]], seeds, rows: int
 ) -> dict[str, Any]:
     """Mean and sd per point and column; the best point and each other point's paired verdict."""
-    columns = list(next(iter(next(iter(results.values())).values())))
+    columns = [c for c in next(iter(next(iter(results.values())).values()))
+               if all(c in results[p.name][s] for p in points for s in seeds)]
     table = {}
     for p in points:
         per_seed = results[p.name]

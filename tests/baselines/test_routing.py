@@ -158,22 +158,49 @@ def test_training_teaches_the_router_the_domains(family, trained):
 
 
 def test_routed_logits_are_the_chosen_models_exactly(trained):
+    """Causal: each position's logits are, bit for bit, those of the model routed on the real
+    tokens up to it; after eval_prefix real tokens every row keeps one model."""
     routed = trained.routed()
     ids = torch.cat([batches(5), batches(6)[:3]])
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     out = routed(ids, attention_mask=mask, labels=ids)
-    assert torch.equal(out.routes, routed.route(ids, mask))
-    assert len(out.routes.unique()) == 2
+    assert out.routes.shape == ids.shape
+    assert torch.equal(out.routes, routed.causal_routes(ids, mask))
+    assert len(out.routes.unique()) >= 2
+    assert torch.equal(out.routes[1:, SPEC.eval_prefix - 1 :],
+                       routed.route(ids, mask)[1:, None].expand(-1, SEQ - SPEC.eval_prefix + 1))
     for index, name in enumerate(routed.names):
-        rows = (out.routes == index).nonzero().squeeze(-1)
-        if rows.numel():
-            chosen = routed.models[name](input_ids=ids[rows], attention_mask=mask[rows]).logits
-            assert torch.equal(out.logits[rows], chosen)
+        chosen = routed.models[name](input_ids=ids, attention_mask=mask).logits
+        where = out.routes == index
+        assert torch.equal(out.logits[where], chosen[where])
     expected = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(out.loss, expected)
     full = routed(ids, labels=ids).loss.item()
     assert held_out_loss(routed, ids, batch_size=4).loss == pytest.approx(full, rel=1e-5)
+
+
+def test_routed_logits_never_read_later_tokens(trained):
+    """Position t's logits stay put when every token after t changes (a causal LM)."""
+    routed = trained.routed()
+    ids = batches(8)
+    for t in (0, 5, SPEC.eval_prefix - 1):
+        changed = ids.clone()
+        changed[:, t + 1 :] = 127 - changed[:, t + 1 :]
+        torch.testing.assert_close(
+            routed(changed).logits[:, : t + 1], routed(ids).logits[:, : t + 1], rtol=0, atol=1e-6
+        )
+
+
+def test_non_causal_routing_scores_each_row_with_one_model(trained):
+    spec = SPEC.model_copy(update={"causal": False})
+    routed = RoutedModel(spec, dict(trained.models.items()), trained.router)
+    ids = batches(5)
+    out = routed(ids)
+    assert torch.equal(out.routes, routed.route(ids))
+    for row, index in enumerate(out.routes.tolist()):
+        alone = routed.models[routed.names[index]](input_ids=ids[row : row + 1]).logits
+        assert torch.equal(out.logits[row : row + 1], alone)
 
 
 def test_generate_uses_the_chosen_models_own_generate(trained):

@@ -2,9 +2,10 @@
 
 The router reads the mean of the seed's frozen input embeddings over a sequence's first t
 tokens. Training target: the constituent with the lowest LM loss on the whole sequence; t is
-drawn uniformly in [min_prefix, max_prefix] per batch. Evaluation routes each sequence on its
-first `eval_prefix` tokens and scores the whole sequence, prefix included, with the chosen
-model. Only the router trains. See docs/baselines.md for the choices made here.
+drawn uniformly in [min_prefix, max_prefix] per batch. Evaluation is causal: the prediction at position
+t comes from the model routed on the real tokens up to t (at most the first `eval_prefix`), so
+after `eval_prefix` tokens each sequence stays with one model (`causal: false` routes once on
+the first `eval_prefix` tokens and scores them too). Only the router trains. See docs/baselines.md for the choices made here.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class RouterOutput:
 class RoutedOutput:
     logits: torch.Tensor  # the routed model's logits [batch, seq, vocab]
     loss: torch.Tensor | None = None
-    routes: torch.Tensor | None = None  # constituent index per sequence
+    routes: torch.Tensor | None = None  # constituent index per position [b, s] (causal) or row [b]
 
 
 def _mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -109,11 +110,17 @@ class _Routing(nn.Module):
         self.models.eval()
         return self
 
-    def features(self, input_ids: torch.Tensor, mask: torch.Tensor, prefix: int) -> torch.Tensor:
-        """RMS-normalised mean seed embedding of each row's first `prefix` real tokens [b, d]."""
+    def features(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, prefix: int, running: bool = False
+    ) -> torch.Tensor:
+        """RMS-normalised mean seed embedding of each row's first `prefix` real tokens [b, d];
+        `running`: at every position, of those up to it [b, s, d]."""
         keep = mask.bool() & (mask.long().cumsum(-1) <= prefix)
-        embeds = self.models[SEED].get_input_embeddings()(input_ids).float()
-        mean = (embeds * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+        embeds = self.models[SEED].get_input_embeddings()(input_ids).float() * keep[..., None]
+        if running:
+            mean = embeds.cumsum(1) / keep.long().cumsum(1)[..., None].clamp(min=1)
+        else:
+            mean = embeds.sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
         # A mean of many embeddings shrinks with the prefix length; normalising keeps the
         # router's input scale (hence its learning rate) independent of t and of the seed.
         return mean * torch.rsqrt(mean.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -187,6 +194,14 @@ class RoutedModel(_Routing):
         mask = _mask(input_ids, attention_mask)
         return self.router_logits(input_ids, mask, self.spec.eval_prefix).argmax(-1)
 
+    @torch.no_grad()
+    def causal_routes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Constituent index per position [b, s], from the real tokens up to it (at most the
+        first `eval_prefix`): what a router could know when predicting the next token."""
+        mask = _mask(input_ids, attention_mask)
+        features = self.features(input_ids, mask, self.spec.eval_prefix, running=True)
+        return self.router(features).argmax(-1)
+
     def _groups(self, routes: torch.Tensor):
         """(model, row indices) for each constituent that some row is routed to."""
         for index, name in enumerate(self.names):
@@ -195,14 +210,24 @@ class RoutedModel(_Routing):
                 yield self.models[name], rows
 
     def forward(self, input_ids, attention_mask=None, labels=None, **_) -> RoutedOutput:
+        """Each position's logits from the model routed there ([b, s] routes; with `causal`
+        off one route per row, [b])."""
         mask = _mask(input_ids, attention_mask)
-        routes = self.route(input_ids, mask)
+        if self.spec.causal:
+            routes = self.causal_routes(input_ids, mask)
+        else:
+            routes = self.route(input_ids, mask)
+        per_position = routes if routes.dim() == 2 else routes[:, None].expand(input_ids.shape)
         logits = None
-        for model, rows in self._groups(routes):
-            part = model(input_ids=input_ids[rows], attention_mask=mask[rows]).logits
+        for index, name in enumerate(self.names):
+            chosen = per_position == index
+            rows = chosen.any(-1).nonzero().squeeze(-1)
+            if not rows.numel():
+                continue
+            part = self.models[name](input_ids=input_ids[rows], attention_mask=mask[rows]).logits
             if logits is None:
                 logits = part.new_empty(input_ids.shape + part.shape[-1:])
-            logits[rows] = part
+            logits[rows] = torch.where(chosen[rows, :, None], part, logits[rows])
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return RoutedOutput(logits=logits, loss=loss, routes=routes)
 

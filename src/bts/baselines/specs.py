@@ -104,6 +104,10 @@ class RoutingSpec(BaseModel, extra="forbid"):
     max_prefix: int = Field(256, ge=1)
     eval_prefix: int = Field(32, ge=1)
     seed: int = 0  # seeds the per-batch prefix draw
+    # causal: the prediction at position t comes from the model routed on the tokens up to t
+    # (at most the first eval_prefix). False routes each row once on its first eval_prefix
+    # tokens and scores them too, having read them (docs/baselines.md: not a causal LM)
+    causal: bool = True
 
     @model_validator(mode="after")
     def _ordered(self) -> RoutingSpec:
