@@ -87,6 +87,18 @@ def test_the_paper_variant_in_the_config_resolves_to_the_paper_layer():
     assert ours == StitchSpec(init="uniform_into_hub").resolve(8)
 
 
+def test_bts_heads_has_its_own_expert_dropout_and_bts_keeps_the_stitch_sections():
+    config = parse_config({"stitch": {"expert_dropout": 0.1}})
+    assert config.stitch.spec(8).expert_dropout == 0.1
+    assert config.heads_config().stitch.spec(8).expert_dropout == 0.3  # the shipped default
+    chosen = parse_config({"bts_heads": {"expert_dropout": 0.0}}).heads_config()
+    assert chosen.stitch.spec(8).expert_dropout == 0.0 and chosen.stitch.output == "mixture"
+    with pytest.raises(Exception, match="expert_dropout"):
+        parse_config({"bts_heads": {"expert_dropout": 1.0}})
+    with pytest.raises(Exception, match="expert_dropout 1.5 is out of range"):
+        StitchSpec(expert_dropout=1.5)
+
+
 OPTION_SETS = [
     StitchSpec(gate_dropout=0.0, gate_input="raw"),
     StitchSpec(gate_dropout=0.0, gate_bias=False),

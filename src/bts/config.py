@@ -252,6 +252,9 @@ class HeadsConfig(Strict):
 
     mix: Literal["prob", "log"] = "prob"
     evidence: bool = True
+    # its own `stitch.expert_dropout` (bts keeps the stitch section's): chosen on validation
+    # rows for removal (docs/stitching.md, "Expert dropout")
+    expert_dropout: float = Field(0.3, ge=0, lt=1)
 
 
 class _Baselines(Strict):
@@ -332,7 +335,12 @@ class RunConfig(Strict):
         """The config of the `bts_heads` stitch stage: this one with the output stitch on."""
         heads = self.bts_heads or HeadsConfig()
         stitch = self.stitch.model_copy(
-            update={"output": "mixture", "output_mix": heads.mix, "output_evidence": heads.evidence}
+            update={
+                "output": "mixture",
+                "output_mix": heads.mix,
+                "output_evidence": heads.evidence,
+                "expert_dropout": heads.expert_dropout,
+            }
         )
         return self.model_copy(update={"stitch": stitch})
 
