@@ -473,12 +473,7 @@ class StitchedModel(nn.Module):
         """Logits (and loss, gates, cache). `expert_keep` [batch, experts] bool prunes experts
         per row (`InferenceOptions.prune_threshold`); one pruned on every row does not run."""
         cache = self.new_cache() if use_cache and past_key_values is None else past_key_values
-        if expert_keep is None and self.training and self.spec.expert_dropout:
-            # every expert still runs, so each rank of a distributed run uses the same modules
-            names = self.expert_names
-            keep = _expert_dropout(self.spec.expert_dropout, input_ids, len(names))
-        else:
-            names, keep = _active_experts(self.expert_names, expert_keep, input_ids.shape[0])
+        names, keep = _kept_experts(self, expert_keep, input_ids)
         stacks = _batched_stacks(self, cache)
         run = self._run_looped if stacks is None else partial(self.executor.run, self, stacks)
         hub, finals, records = run(input_ids, attention_mask, cache, return_gates, names, keep)
@@ -626,12 +621,17 @@ def _active_experts(
     return [names[i] for i in running], None if bool(keep.all()) else keep
 
 
-def _expert_dropout(rate: float, input_ids: torch.Tensor, experts: int) -> torch.Tensor:
-    """Which experts each row keeps [batch, experts]: each closed with probability `rate`, as a
-    removal closes it (its prior 0 in every softmax, so the rest renormalise). Drawn from torch's
-    generator, like gate dropout, so a resumed run draws what an uninterrupted one would."""
-    draw = torch.rand(input_ids.shape[0], experts, device=input_ids.device)
-    return draw >= rate
+def _kept_experts(model, expert_keep, input_ids) -> tuple[list[str], torch.Tensor | None]:
+    """`_active_experts`, or in training with `spec.expert_dropout` p: every expert runs (so each
+    rank of a distributed run uses the same modules) and each row closes each one with
+    probability p, as a removal closes it (prior 0 in every softmax; the rest renormalise).
+    Drawn from torch's generator, like gate dropout: a resumed run draws what an uninterrupted
+    one would."""
+    rate, names = model.spec.expert_dropout, model.expert_names
+    if expert_keep is not None or not model.training or not rate:
+        return _active_experts(names, expert_keep, input_ids.shape[0])
+    draw = torch.rand(input_ids.shape[0], len(names), device=input_ids.device)
+    return names, draw >= rate
 
 
 def _block(dec, recompute: bool, *args) -> torch.Tensor:

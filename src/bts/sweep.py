@@ -122,7 +122,7 @@ def removal_scores(run: Run, stitched: Path, full: dict[str, float], rows: int) 
         minus = validation_scores(run, model, rows)
         scores[f"without:{domain}"] = minus[domain]
         others = [abs(minus[d] - full[d]) for d in run.corpus if d != domain]
-        moved = max(moved, *others)
+        moved = max([moved, *others])
     return {**scores, "moved": moved}
 
 

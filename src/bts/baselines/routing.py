@@ -2,10 +2,11 @@
 
 The router reads the mean of the seed's frozen input embeddings over a sequence's first t
 tokens. Training target: the constituent with the lowest LM loss on the whole sequence; t is
-drawn uniformly in [min_prefix, max_prefix] per batch. Evaluation is causal: the prediction at position
-t comes from the model routed on the real tokens up to t (at most the first `eval_prefix`), so
-after `eval_prefix` tokens each sequence stays with one model (`causal: false` routes once on
-the first `eval_prefix` tokens and scores them too). Only the router trains. See docs/baselines.md for the choices made here.
+drawn uniformly in [min_prefix, max_prefix] per batch. Evaluation is causal: the prediction at
+position t comes from the model routed on the real tokens up to t (at most the first
+`eval_prefix`), so after `eval_prefix` tokens each sequence stays with one model (`causal:
+false` routes once on the first `eval_prefix` tokens and scores them too). Only the router
+trains. See docs/baselines.md for the choices made here.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class RouterOutput:
 class RoutedOutput:
     logits: torch.Tensor  # the routed model's logits [batch, seq, vocab]
     loss: torch.Tensor | None = None
-    routes: torch.Tensor | None = None  # constituent index per position [b, s] (causal) or row [b]
+    routes: torch.Tensor | None = None  # constituent per position [b, s] (causal) or row [b]
 
 
 def _mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
