@@ -102,15 +102,18 @@ def only(config: RunConfig, system: str, where: str) -> RunConfig:
     return config.model_copy(update={"baselines": b.model_copy(update=keep)})
 
 
-def validation_scores(run: Run, model, rows: int) -> dict[str, float]:
-    """Validation loss per set (the first `rows` rows of each) and the mean over domains."""
+def validation_scores(run: Run, model, rows: int, validation: bool = True) -> dict[str, float]:
+    """Validation loss per set (the first `rows` rows of each) and the mean over domains
+    (`validation` False: the report's test rows, for reading a result, never for a choice)."""
     e = run.config.eval
-    held = held_out_sets(run, validation=True)
+    held = held_out_sets(run, validation=validation)
     scores = {d: held_out_loss(model, r, e.batch_size, rows).loss for d, r in held.items()}
     return {**scores, "average": float(np.mean([scores[d] for d in run.corpus]))}
 
 
-def removal_scores(run: Run, stitched: Path, full: dict[str, float], rows: int) -> dict[str, float]:
+def removal_scores(
+    run: Run, stitched: Path, full: dict[str, float], rows: int, validation: bool = True
+) -> dict[str, float]:
     """Per expert domain d, the validation loss on d with d's expert removed (`without:d`), and
     `moved`: the largest change on another domain over those removals (issue 16's test)."""
     scores, moved = {}, 0.0
@@ -119,7 +122,7 @@ def removal_scores(run: Run, stitched: Path, full: dict[str, float], rows: int) 
         if domain not in model.expert_names:
             continue
         model.remove_expert(domain)
-        minus = validation_scores(run, model, rows)
+        minus = validation_scores(run, model, rows, validation)
         scores[f"without:{domain}"] = minus[domain]
         others = [abs(minus[d] - full[d]) for d in run.corpus if d != domain]
         moved = max([moved, *others])
