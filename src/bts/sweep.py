@@ -114,8 +114,9 @@ def validation_scores(run: Run, model, rows: int, validation: bool = True) -> di
 def removal_scores(
     run: Run, stitched: Path, full: dict[str, float], rows: int, validation: bool = True
 ) -> dict[str, float]:
-    """Per expert domain d, the validation loss on d with d's expert removed (`without:d`), and
-    `moved`: the largest change on another domain over those removals (issue 16's test)."""
+    """Per expert domain d, the loss on d's validation rows (test rows with `validation` False)
+    with d's expert removed (`without:d`), and `moved`: the largest change on another domain
+    over those removals (issue 16's test)."""
     scores, moved = {}, 0.0
     for domain in run.corpus:
         model = StitchedModel.from_pretrained(stitched)
