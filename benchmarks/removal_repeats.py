@@ -28,8 +28,9 @@ def main(run_dir: Path, folder: str) -> None:
                 for p in sorted(run.path("repeats").glob("seed-*")) if (p / folder).is_dir()}
     table = {}
     for name, path in trained.items():
-        full = validation_scores(run, StitchedModel.from_pretrained(path), rows, validation=False)
-        table[name] = removal_scores(run, path, full, rows, validation=False)
+        model = StitchedModel.from_pretrained(path)
+        full = validation_scores(run, model, rows, validation=False)
+        table[name] = removal_scores(run, model, full, rows, validation=False)
         print(f"training seed {name}:", " ".join(f"{k} {v:.4f}" for k, v in table[name].items()))
     print(f"{folder}, {len(table)} training seed(s), test rows ({rows} per set):")
     for domain in run.corpus:

@@ -223,19 +223,19 @@ def _seed_stats(system: Mapping[str, Any]) -> tuple[float | None, int | None]:
     return _number(system.get("average_sd")), count
 
 
-def attach_repeats(report: dict[str, Any], repeats: dict[str, Any]) -> bool:
+def attach_repeats(report: dict[str, Any], repeats: dict[str, Any]) -> None:
     """Put `repeats` (`bts repeat`: bts.repeat.summarise) into report.json's `report`. Each
     repeated system gets its mean and sd over seeds of the average loss; each system the repeats
     do not re-train and that does not depend on the stitch stage (the seed, the experts, the
     merges, BTM) gets its one value with sd 0, since a training seed of the stitch stage cannot
-    change it. Nothing is attached (False) when the run's own seed no longer matches the
-    repeats' row for it: a stage changed since the repeat."""
+    change it. Nothing is attached when the run's own seed no longer matches the repeats' row
+    for it: a stage changed since the repeat."""
     base, domains = str(repeats["seeds"][0]), list(report["domains"])
     systems = report["systems"]
     for name, entry in repeats["systems"].items():
         own = systems.get(name, {}).get("loss", {})
         if any(own.get(d) != entry["per_seed"][base].get(d) for d in domains):
-            return False
+            return
     report["repeats"] = repeats
     for name, system in systems.items():
         entry = repeats["systems"].get(system.get("alias_of", name))
@@ -248,7 +248,6 @@ def attach_repeats(report: dict[str, Any], repeats: dict[str, Any]) -> bool:
         else:
             continue
         system.update(average_mean=mean, average_sd=sd, seeds=repeats["seeds"])
-    return True
 
 
 def _versus(report: Mapping[str, Any], a: str, b: str, avg: Mapping[str, float]) -> str:

@@ -20,6 +20,7 @@ Jobs run seed by seed, so a sweep stopped early has every point at the same seed
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,20 +113,21 @@ def validation_scores(run: Run, model, rows: int, validation: bool = True) -> di
 
 
 def removal_scores(
-    run: Run, stitched: Path, full: dict[str, float], rows: int, validation: bool = True
+    run: Run, model: StitchedModel, full: dict[str, float], rows: int, validation: bool = True
 ) -> dict[str, float]:
     """Per expert domain d, the loss on d's validation rows (test rows with `validation` False)
-    with d's expert removed (`without:d`), and `moved`: the largest change on another domain
-    over those removals (issue 16's test)."""
+    with d's expert removed from a copy of `model` (`without:d`), and `moved`: the largest
+    change on another domain over those removals (issue 16's test)."""
     scores, moved = {}, 0.0
     for domain in run.corpus:
-        model = StitchedModel.from_pretrained(stitched)
         if domain not in model.expert_names:
             continue
-        model.remove_expert(domain)
-        minus = validation_scores(run, model, rows, validation)
-        scores[f"without:{domain}"] = minus[domain]
-        others = [abs(minus[d] - full[d]) for d in run.corpus if d != domain]
+        minus = copy.deepcopy(model)  # not reloaded: loading re-hashes every constituent
+        minus.remove_expert(domain)
+        losses = validation_scores(run, minus, rows, validation)
+        del minus
+        scores[f"without:{domain}"] = losses[domain]
+        others = [abs(losses[d] - full[d]) for d in run.corpus if d != domain]
         moved = max([moved, *others])
     return {**scores, "moved": moved}
 
@@ -160,13 +162,12 @@ def _score_point(
             return saved["scores"]
     trial = Run(repeat_config(point.config, seed), where, shared=run.root)
     if point.system == MAIN:
-        trained = stitch(trial)
-        model = StitchedModel.from_pretrained(trained)
+        model = StitchedModel.from_pretrained(stitch(trial))
     else:
         model = load_baseline(point.system, baselines(trial)[point.system])
     scores = validation_scores(trial, model, rows)
     if removal:
-        scores |= removal_scores(trial, trained, scores, rows)
+        scores |= removal_scores(trial, model, scores, rows)
     once(write_json, record, {"point": point.name, "seed": seed, "rows": rows, "scores": scores})
     return scores
 
